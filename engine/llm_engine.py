@@ -1,0 +1,155 @@
+"""The single-process engine loop: schedule, run the model, sample, detokenize, finish."""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import KVCacheManager
+from engine.loader import LoadedModel, load_model
+from engine.model_runner import KVCacheShape, ModelRunner
+from engine.outputs import OutputState, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledRequest, Scheduler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        # CPUs here lack fast half-precision matmuls; GPUs want bf16 for bandwidth and range.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device)
+        self.tokenizer = self.loaded.tokenizer
+        arch = self.loaded.config
+        self.max_model_len = config.scheduler.max_model_len or arch.max_position_embeddings
+        self.kv_shape = self._kv_cache_shape()
+        self.runner = ModelRunner(self.loaded.model, self.kv_shape, self.device, config.attention_backend)
+        self.kv_manager = KVCacheManager(
+            self.kv_shape.num_blocks, self.kv_shape.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.output_states: dict[str, OutputState] = {}
+        self._ids = itertools.count()
+        # Called after each forward pass with the step's scheduled requests, before their
+        # num_computed_tokens advance: the prefill worker pushes the fresh KV from here.
+        self.after_forward: Callable[[tuple[ScheduledRequest, ...]], None] | None = None
+
+    def _kv_cache_shape(self) -> KVCacheShape:
+        cache = self.config.cache
+        arch = self.loaded.config
+        if cache.num_blocks is not None:
+            return KVCacheShape(arch.num_layers, cache.num_blocks, cache.block_size,
+                                arch.num_kv_heads, arch.head_dim, self.dtype)
+        return KVCacheShape.for_budget(arch, cache.block_size, self.dtype,
+                                       cache.kv_cache_memory_gb * 2**30)
+
+    # --- requests -------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.loaded.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.loaded.config.vocab_size}): {bad[:5]}")
+        return ids
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request = Request(request_id, self.tokenize(prompt), params,
+                          eos_token_ids=self.tokenizer.eos_token_ids)
+        self.scheduler.add_request(request)
+        self.output_states[request_id] = OutputState(request, self.tokenizer)
+        return request
+
+    def reserve_for_transfer(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> tuple[int, list[int]] | None:
+        """Decode side: hold blocks for a prompt whose KV comes from a prefill worker.
+
+        Returns (cached prompt tokens, the request's block table), or None when the pool is
+        full right now.
+        """
+        request = Request(request_id, self.tokenize(prompt_token_ids), params,
+                          eos_token_ids=self.tokenizer.eos_token_ids)
+        num_cached = self.scheduler.reserve_for_transfer(request)
+        if num_cached is None:
+            return None
+        self.output_states[request_id] = OutputState(request, self.tokenizer)
+        return num_cached, self.kv_manager.get_block_ids(request_id)
+
+    def start_after_transfer(
+        self, request_id: str, first_token: int, logprobs: dict[int, float] | None = None
+    ) -> RequestOutput | None:
+        """Decode side: the KV has landed; join the running batch with the prefill's first token."""
+        request = self.scheduler.start_after_transfer(request_id, first_token, logprobs)
+        return None if request is None else self._make_output(request)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request and free its blocks; returns its final output (None if unknown)."""
+        request = self.scheduler.abort_request(request_id)
+        state = self.output_states.pop(request_id, None)
+        if request is None or state is None:
+            return None
+        return state.to_output([], "")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # --- the loop -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            if self.scheduler.has_unfinished_requests() and not scheduled.preempted_ids:
+                raise RuntimeError("no request could be scheduled; the KV cache is too small")
+            return []
+        tables = [self.kv_manager.get_block_ids(s.request.request_id) for s in scheduled.scheduled]
+        result = self.runner.execute(scheduled.scheduled, tables)
+        if self.after_forward is not None:
+            self.after_forward(scheduled.scheduled)
+        progressed = self.scheduler.update_from_output(scheduled, result.sampled)
+        return [self._make_output(request) for request in progressed]
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        state = self.output_states[request.request_id]
+        new_ids, new_text, stop_str = state.advance()
+        if stop_str is not None and not request.is_finished:
+            request.stop_reason = stop_str
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+        elif stop_str is not None:
+            # The stop string arrived on the step that also hit EOS / length: the string wins.
+            request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        if request.is_finished:
+            self.output_states.pop(request.request_id, None)
+        return state.to_output(new_ids, new_text)

@@ -1,0 +1,123 @@
+"""Turns a scheduled step into one forward pass over the paged KV cache, then samples.
+
+The KV cache is one tensor (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim);
+layer l's view kv_cache[l] is what the attention backend reads and writes. Workers of the
+disaggregated path move blocks of this same tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import get_attention_backend
+from engine.attention.base import AttentionMetadata, ForwardContext
+from engine.model.config import ModelArchConfig
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledRequest
+
+
+@dataclass(frozen=True)
+class KVCacheShape:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def for_budget(
+        cls, arch: ModelArchConfig, block_size: int, dtype: torch.dtype, budget_bytes: float
+    ) -> "KVCacheShape":
+        probe = cls(arch.num_layers, 1, block_size, arch.num_kv_heads, arch.head_dim, dtype)
+        num_blocks = max(1, int(budget_bytes // probe.bytes_per_block))
+        return cls(arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim, dtype)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    # request id -> (sampled token id, logprobs or None), for requests that sampled this step
+    sampled: dict[str, tuple[int, dict[int, float] | None]]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_shape: KVCacheShape,
+        device: torch.device,
+        attention_backend: str = "auto",
+    ) -> None:
+        self.model = model
+        self.kv_shape = kv_shape
+        self.device = device
+        self.backend = get_attention_backend(attention_backend, device)
+        self.sampler = Sampler()
+        self.kv_cache = torch.zeros(
+            (kv_shape.num_layers, 2, kv_shape.num_blocks, kv_shape.block_size,
+             kv_shape.num_kv_heads, kv_shape.head_dim),
+            dtype=kv_shape.dtype,
+            device=device,
+        )
+        self.kv_caches = list(self.kv_cache.unbind(0))  # per layer: (2, blocks, bs, kv_heads, hd)
+
+    @torch.inference_mode()
+    def execute(
+        self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]
+    ) -> StepResult:
+        input_ids, positions, metadata = self.prepare_inputs(scheduled, block_tables)
+        ctx = ForwardContext(metadata, self.kv_caches, self.backend)
+        hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
+        rows = [i for i, s in enumerate(scheduled) if s.samples]
+        if not rows:
+            return StepResult({})
+        last_token_index = [metadata.query_start_loc_cpu[i + 1] - 1 for i in rows]
+        index = torch.tensor(last_token_index, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, index))  # (rows, vocab)
+        requests = [scheduled[i].request for i in rows]
+        out = self.sampler(logits, requests)
+        return StepResult({
+            r.request_id: (tok, lp) for r, tok, lp in zip(requests, out.token_ids, out.logprobs)
+        })
+
+    def prepare_inputs(
+        self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        block_size = self.kv_shape.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        for item, table in zip(scheduled, block_tables):
+            start = item.request.num_computed_tokens
+            end = start + item.num_new_tokens
+            token_ids.extend(item.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            query_start.append(query_start[-1] + item.num_new_tokens)
+            seq_lens.append(end)
+        max_blocks = max(len(t) for t in block_tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        dev = self.device
+        metadata = AttentionMetadata(
+            num_reqs=len(scheduled),
+            num_tokens=len(token_ids),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            query_start_loc_cpu=query_start,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            seq_lens_cpu=seq_lens,
+            block_table=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        position_ids = torch.tensor(positions, dtype=torch.long, device=dev)
+        return input_ids, position_ids, metadata

@@ -1,0 +1,258 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step the scheduler picks, for every request it runs, how many new tokens to compute:
+running requests first (decodes take 1 token, unfinished prefills the rest of their prompt
+up to the budget), then waiting requests in arrival order while budget, sequence slots and
+KV blocks last. When blocks run out, the most recently admitted running request is preempted
+by recompute: its blocks are freed and it goes back to the front of the queue, to be
+prefilled again over prompt + tokens generated so far (the prefix cache usually makes that cheap).
+
+Invariant: a request in `running` holds KV blocks for all its computed tokens; a request in
+`waiting` holds none.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from engine.kv_cache import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed for it this step, starting at num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step completes the request's context, so a token is sampled for it."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    num_batched_tokens: int
+    preempted_ids: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_steps: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv_manager = kv_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+
+    # --- admission ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_fits(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a request that could never run, instead of letting it starve or thrash."""
+        if num_prompt_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt_tokens} tokens, more than max_model_len "
+                f"({self.max_model_len})"
+            )
+        longest = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        blocks_needed = -(-longest // self.kv_manager.block_size)
+        if blocks_needed > self.kv_manager.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {blocks_needed} KV blocks, but the cache has only "
+                f"{self.kv_manager.num_blocks}; lower max_tokens or raise the KV cache size"
+            )
+
+    def reserve_for_transfer(self, request: Request) -> int | None:
+        """Decode side of disaggregation: take KV blocks for the whole prompt now.
+
+        Blocks already in the prefix cache are reused; the rest wait for KV from a prefill
+        worker. Returns the number of prompt tokens served from the cache, or None (nothing
+        held) when the pool cannot take the prompt right now.
+        """
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_fits(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        computed = self.kv_manager.get_computed_blocks(request)
+        num_new = request.num_tokens - computed.num_computed_tokens
+        if len(self.running) >= self.config.max_num_seqs or not self.kv_manager.allocate_slots(
+            request, num_new, computed
+        ):
+            return None
+        request.num_cached_tokens = computed.num_computed_tokens
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+        self.running.append(request)
+        return computed.num_computed_tokens
+
+    def start_after_transfer(self, request_id: str, first_token: int,
+                             logprobs: dict[int, float] | None = None) -> Request | None:
+        """The prompt's KV has landed and its first token was sampled by the prefill worker."""
+        request = self.requests.get(request_id)
+        if request is None or request.status != RequestStatus.WAITING_FOR_KV:
+            return None
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv_manager.cache_full_blocks(request, request.num_computed_tokens)
+        request.append_output_token(first_token, logprobs)
+        request.status = RequestStatus.RUNNING
+        status = self.check_stop(request)
+        if status is not None:
+            self.finish_request(request_id, status)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request from outside the step loop (abort, a stop string); frees its blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_manager.free(request)
+        return request
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # --- one step -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(budget, scheduled, preempted)
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        self.stats.num_steps += 1
+        return SchedulerOutput(tuple(scheduled), num_tokens, tuple(preempted))
+
+    def _schedule_running(
+        self, budget: int, scheduled: list[ScheduledRequest], preempted: list[str]
+    ) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            if request.status == RequestStatus.WAITING_FOR_KV:
+                index += 1  # holds its blocks, computes nothing until the KV arrives
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_manager.allocate_slots(request, num_new):
+                victim = self._pick_victim(index)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    return budget
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.kv_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - computed.num_computed_tokens
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    return
+                num_new = budget
+            if not self.kv_manager.allocate_slots(request, num_new, computed):
+                return
+            self.waiting.popleft()
+            request.num_computed_tokens = computed.num_computed_tokens
+            request.num_cached_tokens = computed.num_computed_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _pick_victim(self, first: int) -> Request:
+        """The most recently admitted request at or after `first` that computes.
+
+        Requests before `first` are already scheduled this step; KV in flight is never dropped.
+        running[first] itself computes, so there is always a candidate.
+        """
+        for index in range(len(self.running) - 1, first - 1, -1):
+            if self.running[index].status != RequestStatus.WAITING_FOR_KV:
+                return self.running.pop(index)
+        raise AssertionError("running[first] must be a computing request")
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_manager.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.stats.num_preemptions += 1
+
+    # --- results --------------------------------------------------------------------
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, tuple[int, dict[int, float] | None]]
+    ) -> list[Request]:
+        """Advance computed tokens, append sampled tokens and finish requests that are done.
+
+        `sampled` maps request id -> (token id, logprobs) for the requests whose step sampled.
+        Returns the requests that got a new token, finished ones included.
+        """
+        progressed: list[Request] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.is_finished:  # aborted between schedule and update
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            self.kv_manager.cache_full_blocks(request, request.num_computed_tokens)
+            if request.num_computed_tokens - item.num_new_tokens < request.num_prompt_tokens:
+                self.stats.num_prefill_tokens += item.num_new_tokens
+            else:
+                self.stats.num_decode_tokens += item.num_new_tokens
+            if request.request_id not in sampled:
+                continue
+            token_id, logprobs = sampled[request.request_id]
+            request.append_output_token(token_id, logprobs)
+            status = self.check_stop(request)
+            if status is not None:
+                self.finish_request(request.request_id, status)
+            progressed.append(request)
+        return progressed
+
+    def check_stop(self, request: Request) -> RequestStatus | None:
+        params = request.sampling_params
+        last = request.all_token_ids[-1]
+        if not params.ignore_eos and last in request.eos_token_ids:
+            request.stop_reason = last
+            return RequestStatus.FINISHED_STOPPED
+        if last in params.stop_token_ids:
+            request.stop_reason = last
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

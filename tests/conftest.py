@@ -1,0 +1,52 @@
+"""Shared fixtures: the demo model, HF reference models, tiny random checkpoints."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def demo_gguf_path() -> str:
+    """The demo GGUF, fetched once into the user cache (PDSERVE_CACHE_DIR overrides)."""
+    from engine.loader import resolve_model_path
+
+    return resolve_model_path("demo")
+
+
+@pytest.fixture(scope="session")
+def hf_demo(demo_gguf_path):
+    """HF transformers' own loading of the same GGUF: the reference for the demo model."""
+    transformers = pytest.importorskip("transformers")
+    folder, name = os.path.split(demo_gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def demo_llm(demo_gguf_path):
+    from engine import LLM
+
+    return LLM(demo_gguf_path, dtype="float32", device="cpu", max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    from tests.tiny_models import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: write_tiny_checkpoint(str(root / arch), arch)
+            for arch in ("llama3", "mistral", "qwen2", "qwen3")}
+
+
+def assert_no_leaked_blocks(llm) -> None:
+    """Every KV block is back in the pool once no request is running."""
+    engine = llm.engine
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
