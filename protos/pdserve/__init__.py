@@ -1,0 +1,1 @@
+"""Protobuf packages of the ``pdserve`` API, one sub-package per version."""
