@@ -43,7 +43,14 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv_cache_factory: Callable[[KVCacheShape, str], torch.Tensor] | None = None,
+        detokenize: bool = True,
+    ) -> None:
+        """kv_cache_factory(shape, model_name), when given, provides the KV tensor (a decode
+        worker lets its KV receiver allocate it, in memory that peers can write)."""
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -53,11 +60,16 @@ class LLMEngine:
         arch = self.loaded.config
         self.max_model_len = config.scheduler.max_model_len or arch.max_position_embeddings
         self.kv_shape = self._kv_cache_shape()
-        self.runner = ModelRunner(self.loaded.model, self.kv_shape, self.device, config.attention_backend)
+        kv_cache = None
+        if kv_cache_factory is not None:
+            kv_cache = kv_cache_factory(self.kv_shape, self.loaded.name)
+        self.runner = ModelRunner(self.loaded.model, self.kv_shape, self.device,
+                                  config.attention_backend, kv_cache)
         self.kv_manager = KVCacheManager(
             self.kv_shape.num_blocks, self.kv_shape.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.detokenize = detokenize
         self.output_states: dict[str, OutputState] = {}
         self._ids = itertools.count()
         # Called after each forward pass with the step's scheduled requests, before their
@@ -72,6 +84,13 @@ class LLMEngine:
                                 arch.num_kv_heads, arch.head_dim, self.dtype)
         return KVCacheShape.for_budget(arch, cache.block_size, self.dtype,
                                        cache.kv_cache_memory_gb * 2**30)
+
+    def kv_layout_fields(self) -> dict:
+        """What a KV transfer handshake compares: the same on both sides or no transfer."""
+        shape = self.kv_shape
+        return dict(model=self.loaded.name, dtype=str(shape.dtype).removeprefix("torch."),
+                    block_size=shape.block_size, num_layers=shape.num_layers,
+                    num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
 
     # --- requests -------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -90,7 +109,7 @@ class LLMEngine:
         request = Request(request_id, self.tokenize(prompt), params,
                           eos_token_ids=self.tokenizer.eos_token_ids)
         self.scheduler.add_request(request)
-        self.output_states[request_id] = OutputState(request, self.tokenizer)
+        self.output_states[request_id] = OutputState(request, self.tokenizer, self.detokenize)
         return request
 
     def reserve_for_transfer(
@@ -106,7 +125,7 @@ class LLMEngine:
         num_cached = self.scheduler.reserve_for_transfer(request)
         if num_cached is None:
             return None
-        self.output_states[request_id] = OutputState(request, self.tokenizer)
+        self.output_states[request_id] = OutputState(request, self.tokenizer, self.detokenize)
         return num_cached, self.kv_manager.get_block_ids(request_id)
 
     def start_after_transfer(

@@ -53,18 +53,22 @@ class ModelRunner:
         kv_shape: KVCacheShape,
         device: torch.device,
         attention_backend: str = "auto",
+        kv_cache: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.kv_shape = kv_shape
         self.device = device
         self.backend = get_attention_backend(attention_backend, device)
         self.sampler = Sampler()
-        self.kv_cache = torch.zeros(
-            (kv_shape.num_layers, 2, kv_shape.num_blocks, kv_shape.block_size,
-             kv_shape.num_kv_heads, kv_shape.head_dim),
-            dtype=kv_shape.dtype,
-            device=device,
-        )
+        shape = (kv_shape.num_layers, 2, kv_shape.num_blocks, kv_shape.block_size,
+                 kv_shape.num_kv_heads, kv_shape.head_dim)
+        if kv_cache is None:
+            kv_cache = torch.zeros(shape, dtype=kv_shape.dtype, device=device)
+        elif tuple(kv_cache.shape) != shape or kv_cache.dtype != kv_shape.dtype:
+            raise ValueError(f"KV cache tensor is {tuple(kv_cache.shape)} {kv_cache.dtype}, "
+                             f"expected {shape} {kv_shape.dtype}")
+        # A tensor handed in (shared memory a KV receiver writes into) is used in place.
+        self.kv_cache = kv_cache
         self.kv_caches = list(self.kv_cache.unbind(0))  # per layer: (2, blocks, bs, kv_heads, hd)
 
     @torch.inference_mode()

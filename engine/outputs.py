@@ -26,12 +26,15 @@ class RequestOutput:
 class OutputState:
     """Incremental detokenization and stop-string matching for one request."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer) -> None:
+    def __init__(self, request: Request, tokenizer: Tokenizer, detokenize: bool = True) -> None:
+        # Workers of the cluster pass detokenize=False: the router turns tokens into text
+        # (and matches stop strings) once, at the edge.
         self.request = request
-        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids) if detokenize else None
         params = request.sampling_params
         self.matcher = (
-            StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+            StopStringMatcher(params.stop, params.include_stop_str_in_output)
+            if params.stop and detokenize else None
         )
         self.num_emitted_tokens = 0
         self.text = ""
@@ -41,6 +44,8 @@ class OutputState:
         output_ids = self.request.output_token_ids
         new_ids = output_ids[self.num_emitted_tokens:]
         self.num_emitted_tokens = len(output_ids)
+        if self.detokenizer is None:
+            return new_ids, "", None
         delta = self.detokenizer.add_tokens(new_ids)
         finished = self.request.is_finished
         if finished:
