@@ -10,15 +10,17 @@ PROMPT = "Tell me a short story about a robot who learns to paint."
 
 
 def test_seeded_sampling_is_reproducible(demo_llm):
-    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234,
+                            ignore_eos=True)
     first = demo_llm.generate([PROMPT], params)[0]
+    assert len(first.token_ids) == 24
     # Same seed inside a batch with other, unseeded requests: same tokens.
-    others = SamplingParams(max_tokens=24, temperature=1.0)
+    others = SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)
     batch = demo_llm.generate([PROMPT, "Hello there", PROMPT], [params, others, params])
     assert batch[0].token_ids == first.token_ids
     assert batch[2].token_ids == first.token_ids
     different = demo_llm.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95,
-                                                           top_k=50, seed=4321))[0]
+                                                           top_k=50, seed=4321, ignore_eos=True))[0]
     assert different.token_ids != first.token_ids
     assert_no_leaked_blocks(demo_llm)
 
