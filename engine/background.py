@@ -65,10 +65,10 @@ class BackgroundEngine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._drain_calls(block=not self.engine.has_unfinished_requests())
+            self._drain_calls(block=not self.engine.has_work())
             if self._stopping.is_set():
                 break
-            if not self.engine.has_unfinished_requests():
+            if not self.engine.has_work():
                 continue
             try:
                 outputs = self.engine.step()

@@ -146,11 +146,15 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def has_work(self) -> bool:
+        """Whether step() would compute something now."""
+        return self.scheduler.has_work()
+
     # --- the loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
-            if self.scheduler.has_unfinished_requests() and not scheduled.preempted_ids:
+            if self.scheduler.has_work() and not scheduled.preempted_ids:
                 raise RuntimeError("no request could be scheduled; the KV cache is too small")
             return []
         tables = [self.kv_manager.get_block_ids(s.request.request_id) for s in scheduled.scheduled]

@@ -58,6 +58,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.num_waiting_for_kv = 0  # requests holding blocks while their KV is in flight
         self.stats = SchedulerStats()
 
     # --- admission ------------------------------------------------------------------
@@ -101,6 +102,7 @@ class Scheduler:
             return None
         request.num_cached_tokens = computed.num_computed_tokens
         request.status = RequestStatus.WAITING_FOR_KV
+        self.num_waiting_for_kv += 1
         self.requests[request.request_id] = request
         self.running.append(request)
         return computed.num_computed_tokens
@@ -111,6 +113,7 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None or request.status != RequestStatus.WAITING_FOR_KV:
             return None
+        self.num_waiting_for_kv -= 1
         request.num_computed_tokens = request.num_prompt_tokens
         self.kv_manager.cache_full_blocks(request, request.num_computed_tokens)
         request.append_output_token(first_token, logprobs)
@@ -128,6 +131,8 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        if request.status == RequestStatus.WAITING_FOR_KV:
+            self.num_waiting_for_kv -= 1
         if request in self.running:
             self.running.remove(request)
         else:
@@ -138,6 +143,10 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_work(self) -> bool:
+        """Whether a step could compute anything (requests waiting for KV compute nothing)."""
+        return len(self.requests) > self.num_waiting_for_kv
 
     @property
     def num_unfinished(self) -> int:

@@ -88,6 +88,82 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from engine.config import EngineConfig
+    from router.pools import PoolConfig
+    from router.serve import ServeConfig, serve
+
+    try:
+        engine = EngineConfig.from_options(
+            args.model, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, **engine_options_from_args(args))
+        config = ServeConfig(
+            engine=engine,
+            pools=PoolConfig(mode=args.mode, num_prefill_workers=args.prefill_workers,
+                             num_decode_workers=args.decode_workers,
+                             transfer_backend=args.kv_transfer_backend,
+                             lease_ttl_s=args.lease_ttl, torch_threads=args.torch_threads),
+            host=args.host, grpc_port=args.grpc_port, ray_address=args.ray_address,
+            max_in_flight=args.max_in_flight)
+    except (TypeError, ValueError) as err:
+        print(f"pdserve serve: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config))
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from router.client import run_client_from_args
+
+    return run_client_from_args(args)
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser(
+        "serve", help="start the cluster: Ray, prefill and decode pools, gRPC server",
+        description="Start a pdserve cluster: a local Ray instance (or join one), the prefill and "
+                    "decode worker pools, and the gRPC server. Ctrl-C stops it gracefully.")
+    g = serve.add_argument_group("cluster")
+    g.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
+                   help="disaggregated: separate prefill and decode pools with KV transfer; "
+                        "colocated: mixed workers that prefill and decode (default: disaggregated)")
+    g.add_argument("--prefill-workers", type=int, default=1, help="prefill pool size (default 1)")
+    g.add_argument("--decode-workers", type=int, default=1,
+                   help="decode pool size; in colocated mode, the number of mixed workers (default 1)")
+    g.add_argument("--kv-transfer-backend", default="shm", choices=["shm", "torch_dist", "cuda_ipc"],
+                   help="how KV moves from prefill to decode: shm (shared memory, one host), "
+                        "torch_dist (gloo on CPU, NCCL on GPU; across hosts), cuda_ipc (one node) "
+                        "(default: shm)")
+    g.add_argument("--lease-ttl", type=float, default=30.0,
+                   help="seconds a decode worker holds blocks for KV that does not arrive (default 30)")
+    g.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per worker (default: this host's cores split between workers)")
+    g.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster (e.g. one started by `ray up`) instead of "
+                        "starting a local one")
+    g.add_argument("--host", default="0.0.0.0", help="gRPC listen address (default 0.0.0.0)")
+    g.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
+    g.add_argument("--max-in-flight", type=int, default=256,
+                   help="requests admitted at once; more get RESOURCE_EXHAUSTED (default 256)")
+    g.add_argument("--max-num-seqs", type=int, default=64,
+                   help="requests in one worker's running batch (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens computed per engine step, prefill chunks included (default 512)")
+    add_engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def add_client_parser(sub) -> None:
+    from router.client import add_client_arguments
+
+    client = sub.add_parser("client", help="stream a completion from a running pdserve server",
+                            description="Send one request to a pdserve gRPC server and stream "
+                                        "the reply to stdout.")
+    add_client_arguments(client)
+    client.set_defaults(func=cmd_client)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
@@ -100,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(gen)
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
+    add_serve_parser(sub)
+    add_client_parser(sub)
     return parser
 
 

@@ -157,7 +157,9 @@ def test_transfer_reservation_then_decode():
     assert len(scheduler.kv_manager.get_block_ids("d")) == 3
     out, _ = run_step(scheduler)
     assert out.is_empty  # nothing to compute until the KV lands
+    assert scheduler.has_unfinished_requests() and not scheduler.has_work()
     scheduler.start_after_transfer("d", 42)
+    assert scheduler.has_work()
     assert request.output_token_ids == [42] and request.num_computed_tokens == 10
     out, _ = run_step(scheduler)
     assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("d", 1)]
@@ -167,6 +169,7 @@ def test_transfer_reservation_then_decode():
     again = make_request("d2", 10, max_tokens=3)
     assert scheduler.reserve_for_transfer(again) == 8
     scheduler.abort_request("d2")
+    assert scheduler.num_waiting_for_kv == 0
     assert_all_blocks_free(scheduler)
 
 

@@ -1,0 +1,102 @@
+"""Decides which blocks a prefill step completed, copies them out, and sends them in order."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.scheduler import ScheduledRequest
+from kv_transfer import KVSender, TransferTicket
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PushState:
+    """Per request: the ticket and how many of its blocks have been queued for sending."""
+
+    ticket: TransferTicket
+    first_block: int  # the request's block index the ticket starts at (decode's cached prefix)
+    num_queued: int = 0
+    failed: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class KVPusher:
+    """Engine thread: `after_forward` gathers completed blocks. Sender thread: pushes them.
+
+    Blocks are copied out of the KV cache on the engine thread, so the engine may free or reuse
+    them as soon as the step ends; the copy is what travels.
+    """
+
+    def __init__(self, sender: KVSender, kv_cache: torch.Tensor, block_size: int,
+                 block_table_of) -> None:
+        self.sender = sender
+        self.kv_cache = kv_cache  # (layers, 2, blocks, block_size, kv_heads, head_dim)
+        self.block_size = block_size
+        self.block_table_of = block_table_of  # request_id -> list of block ids
+        self.states: dict[str, PushState] = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send_forever, name="kv-pusher", daemon=True)
+        self._thread.start()
+
+    def track(self, ticket: TransferTicket) -> PushState:
+        state = PushState(ticket, ticket.first_token // self.block_size)
+        self.states[ticket.request_id] = state
+        return state
+
+    def after_forward(self, scheduled: tuple[ScheduledRequest, ...]) -> None:
+        for item in scheduled:
+            state = self.states.get(item.request.request_id)
+            if state is None or state.failed:
+                continue
+            request = item.request
+            computed = request.num_computed_tokens + item.num_new_tokens
+            finished = computed >= request.num_prompt_tokens
+            # A block is sent once all its tokens are computed; the last, partial one at the end.
+            upto = -(-computed // self.block_size) if finished else computed // self.block_size
+            begin = state.first_block + state.num_queued
+            if upto > begin:
+                table = self.block_table_of(request.request_id)
+                index = torch.tensor(table[begin:upto])
+                blocks = self.kv_cache.index_select(2, index)  # (layers, 2, n, bs, kv_heads, hd) copy
+                self._queue.put((state, blocks, state.num_queued))
+                state.num_queued += upto - begin
+            if finished:
+                self._queue.put((state, None, None))
+                del self.states[request.request_id]
+
+    def abandon(self, request_id: str, reason: str) -> None:
+        """The request was aborted before its KV was all sent: tell the receiver."""
+        state = self.states.pop(request_id, None)
+        if state is not None and not state.failed:
+            state.failed = reason
+            self._queue.put((state, None, None))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _send_forever(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            state, blocks, start = job
+            try:
+                if blocks is not None:
+                    if not state.failed:
+                        self.sender.send_blocks(state.ticket, blocks, start=start)
+                elif state.failed:
+                    self.sender.send_failed(state.ticket, state.failed)
+                    state.done.set()
+                else:
+                    self.sender.send_done(state.ticket)
+                    state.done.set()
+            except Exception as err:  # the receiver sees the failure too (closed link or timeout)
+                logger.warning("KV push for %s failed: %s", state.ticket.request_id, err)
+                state.failed = str(err)
+                state.done.set()

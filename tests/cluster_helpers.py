@@ -1,0 +1,95 @@
+"""A pdserve cluster and its gRPC server on a background event loop, for end-to-end tests."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+
+import grpc
+
+from protos.pdserve.v1 import generation_pb2 as pb
+from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
+from router.grpc_server import GrpcServer
+from router.serve import ServeConfig, load_tokenizer, running_cluster
+
+
+class ClusterServer:
+    """Starts `running_cluster(config)` plus a GrpcServer on 127.0.0.1, on its own loop thread."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.backend = None
+        self.port: int | None = None
+        self._stop: asyncio.Event | None = None
+        self._done: Future | None = None
+
+    def __enter__(self) -> "ClusterServer":
+        self.thread.start()
+        ready: Future = Future()
+        self._done = asyncio.run_coroutine_threadsafe(self._serve(ready), self.loop)
+        ready.result(timeout=600)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._done.result(timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    async def _serve(self, ready: Future) -> None:
+        self._stop = asyncio.Event()
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, self.config.engine.model)
+            async with running_cluster(self.config) as backend:
+                server = GrpcServer(backend, tokenizer, "127.0.0.1", 0)
+                self.backend, self.port = backend, await server.start()
+                await server.set_serving(True)
+                ready.set_result(True)
+                await self._stop.wait()
+                await server.stop(1.0)
+        except BaseException as err:
+            if not ready.done():
+                ready.set_exception(err)
+            raise
+
+    def run(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop (e.g. backend.pools.stats())."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stub(self) -> pb_grpc.GenerationStub:
+        return pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+
+    def wait_for_baseline(self, timeout_s: float = 30.0) -> dict:
+        """Poll the workers until every KV block is free and no request is left; returns stats."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.run(self.backend.pools.stats())
+            if all_idle(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.2)
+
+
+def all_idle(stats: dict) -> bool:
+    workers = [s if isinstance(s, dict) else s.__dict__ for s in stats["prefill"] + stats["decode"]]
+    return all(w["num_free_blocks"] == w["num_blocks"] and w["num_requests"] == 0 for w in workers)
+
+
+def greedy_request(token_ids: list[int], max_tokens: int, request_id: str = "") -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id, token_ids=pb.TokenIds(ids=token_ids),
+        sampling_params=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def collect(responses) -> tuple[list[int], str, pb.GenerateResponse]:
+    """Token ids and text of a whole stream, and its last message."""
+    ids: list[int] = []
+    text = []
+    last = None
+    for response in responses:
+        ids.extend(response.token_ids)
+        text.append(response.text)
+        last = response
+    return ids, "".join(text), last

@@ -1,0 +1,49 @@
+"""Colocated serving gives the same outputs; a KV layout mismatch is refused at start-up."""
+from __future__ import annotations
+
+import pytest
+
+from router.pools import ClusterStartError, PoolConfig
+from router.serve import ServeConfig, running_cluster
+from tests.cluster_helpers import ClusterServer, all_idle
+from tests.test_cluster_e2e import engine_config, run_concurrently, workload  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def test_colocated_mode_gives_the_same_greedy_outputs(demo_gguf_path, workload):  # noqa: F811
+    prompts, max_tokens, expected = workload
+    config = ServeConfig(engine=engine_config(demo_gguf_path),
+                         pools=PoolConfig(mode="colocated", num_decode_workers=1))
+    with ClusterServer(config) as server:
+        results = run_concurrently(server, prompts, max_tokens)
+        assert [ids for ids, _, _ in results] == expected
+        assert all_idle(server.wait_for_baseline())
+        assert server.backend.pools.prefill == []
+
+
+@pytest.mark.parametrize("field,decode_overrides", [
+    ("block_size", {"block_size": 32}),
+    ("dtype", {"dtype": "bfloat16"}),
+])
+def test_layout_mismatch_is_refused_at_handshake(demo_gguf_path, field, decode_overrides):
+    import asyncio
+
+    config = ServeConfig(engine=engine_config(demo_gguf_path),
+                         decode_engine=engine_config(demo_gguf_path, **decode_overrides))
+
+    async def start():
+        async with running_cluster(config):
+            pass
+
+    with pytest.raises(ClusterStartError, match=f"{field} differs") as err:
+        asyncio.run(start())
+    assert "prefill worker 0" in str(err.value)
