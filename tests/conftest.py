@@ -50,3 +50,19 @@ def assert_no_leaked_blocks(llm) -> None:
     engine = llm.engine
     assert not engine.has_unfinished_requests()
     assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the cluster tests, started from the main thread.
+
+    Ray's local processes die with the thread that started them, so a cluster test's
+    server thread must not be the one that calls ray.init().
+    """
+    import ray
+
+    from router.serve import init_ray
+
+    init_ray(None, 4)
+    yield
+    ray.shutdown()

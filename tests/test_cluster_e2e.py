@@ -52,14 +52,11 @@ def workload(demo_gguf_path):
 
 
 @pytest.fixture(scope="module")
-def disaggregated(demo_gguf_path):
-    import ray
-
+def disaggregated(demo_gguf_path, ray_local):
     config = ServeConfig(engine=engine_config(demo_gguf_path),
                          pools=PoolConfig(mode="disaggregated", lease_ttl_s=10.0))
     with ClusterServer(config) as server:
         yield server
-    ray.shutdown()
 
 
 def run_concurrently(server: ClusterServer, prompts, max_tokens):

@@ -11,12 +11,9 @@ from tests.test_cluster_e2e import engine_config, run_concurrently, workload  # 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    yield
-    ray.shutdown()
+@pytest.fixture(autouse=True)
+def _ray(ray_local):
+    pass
 
 
 def test_colocated_mode_gives_the_same_greedy_outputs(demo_gguf_path, workload):  # noqa: F811
