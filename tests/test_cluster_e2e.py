@@ -14,7 +14,8 @@ from engine.config import EngineConfig
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.pools import PoolConfig
 from router.serve import ServeConfig, load_tokenizer
-from tests.cluster_helpers import ClusterServer, all_idle, collect, greedy_request
+from router.embedded import EmbeddedCluster, workers_idle
+from tests.cluster_helpers import collect, greedy_request
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +56,11 @@ def workload(demo_gguf_path):
 def disaggregated(demo_gguf_path, ray_local):
     config = ServeConfig(engine=engine_config(demo_gguf_path),
                          pools=PoolConfig(mode="disaggregated", lease_ttl_s=10.0))
-    with ClusterServer(config) as server:
+    with EmbeddedCluster(config) as server:
         yield server
 
 
-def run_concurrently(server: ClusterServer, prompts, max_tokens):
+def run_concurrently(server: EmbeddedCluster, prompts, max_tokens):
     stub = server.stub()
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(lambda p=p, m=m: collect(stub.Generate(greedy_request(p, m))))
@@ -94,7 +95,7 @@ def test_32_concurrent_streams_match_single_process_and_count_kv_bytes(
     needed_blocks = [math.ceil(len(p) / block_size) - last.usage.cached_prompt_tokens // block_size
                      for p, (_, _, last) in zip(prompts + wave2, results + results2)]
     after = disaggregated.wait_for_baseline()
-    assert all_idle(after)
+    assert workers_idle(after)
     moved = after["decode"][0].transfer_bytes - before["decode"][0].transfer_bytes
     assert moved == sum(needed_blocks) * bytes_per_block
     assert after["prefill"][0]["transfer_bytes"] - before["prefill"][0]["transfer_bytes"] == moved
@@ -108,9 +109,9 @@ def test_client_cancel_mid_stream_frees_blocks_on_both_workers(disaggregated, de
     received = [next(responses) for _ in range(3)]
     assert all(r.token_ids for r in received)
     busy = disaggregated.run(disaggregated.backend.pools.stats())
-    assert not all_idle(busy)  # the request really holds blocks mid-stream
+    assert not workers_idle(busy)  # the request really holds blocks mid-stream
     responses.cancel()
-    assert all_idle(disaggregated.wait_for_baseline(timeout_s=10))
+    assert workers_idle(disaggregated.wait_for_baseline(timeout_s=10))
     assert not disaggregated.backend.streams
 
 
@@ -122,4 +123,4 @@ def test_deadline_mid_stream_frees_blocks_on_both_workers(disaggregated, demo_gg
             tokens.extend(response.token_ids)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert tokens, "the deadline should hit mid-stream, after some tokens"
-    assert all_idle(disaggregated.wait_for_baseline(timeout_s=10))
+    assert workers_idle(disaggregated.wait_for_baseline(timeout_s=10))

@@ -5,7 +5,7 @@ import pytest
 
 from router.pools import ClusterStartError, PoolConfig
 from router.serve import ServeConfig, running_cluster
-from tests.cluster_helpers import ClusterServer, all_idle
+from router.embedded import EmbeddedCluster, workers_idle
 from tests.test_cluster_e2e import engine_config, run_concurrently, workload  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -20,10 +20,10 @@ def test_colocated_mode_gives_the_same_greedy_outputs(demo_gguf_path, workload):
     prompts, max_tokens, expected = workload
     config = ServeConfig(engine=engine_config(demo_gguf_path),
                          pools=PoolConfig(mode="colocated", num_decode_workers=1))
-    with ClusterServer(config) as server:
+    with EmbeddedCluster(config) as server:
         results = run_concurrently(server, prompts, max_tokens)
         assert [ids for ids, _, _ in results] == expected
-        assert all_idle(server.wait_for_baseline())
+        assert workers_idle(server.wait_for_baseline())
         assert server.backend.pools.prefill == []
 
 

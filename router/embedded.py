@@ -1,0 +1,88 @@
+"""A whole pdserve cluster and its gRPC server running on a background thread.
+
+Benchmarks and tests use it to talk to a real cluster over real gRPC from ordinary code.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+
+import grpc
+
+from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
+from router.grpc_server import GrpcServer
+from router.serve import ServeConfig, init_ray, load_tokenizer, running_cluster
+
+
+class EmbeddedCluster:
+    """`running_cluster(config)` plus a GrpcServer on 127.0.0.1, served from a background thread.
+
+    For benchmarks and tests that drive a real cluster with ordinary gRPC clients from the
+    calling thread. Ray is started here, on the calling thread: Ray's local processes die with
+    the thread that started them, so the server thread must not be the one to start it.
+    """
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.backend = None
+        self.port: int | None = None
+        self._stop: asyncio.Event | None = None
+        self._done: Future | None = None
+
+    def __enter__(self) -> "EmbeddedCluster":
+        pools = self.config.pools
+        init_ray(self.config.ray_address,
+                 pools.num_decode_workers + pools.num_prefill_workers)
+        self.thread.start()
+        ready: Future = Future()
+        self._done = asyncio.run_coroutine_threadsafe(self._serve(ready), self.loop)
+        ready.result(timeout=600)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._done.result(timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    async def _serve(self, ready: Future) -> None:
+        self._stop = asyncio.Event()
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, self.config.engine.model)
+            async with running_cluster(self.config) as backend:
+                server = GrpcServer(backend, tokenizer, "127.0.0.1", 0)
+                self.backend, self.port = backend, await server.start()
+                await server.set_serving(True)
+                ready.set_result(True)
+                await self._stop.wait()
+                await server.stop(1.0)
+        except BaseException as err:
+            if not ready.done():
+                ready.set_exception(err)
+            raise
+
+    def run(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop (e.g. backend.pools.stats())."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stub(self) -> pb_grpc.GenerationStub:
+        return pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+
+    def wait_for_baseline(self, timeout_s: float = 30.0) -> dict:
+        """Poll the workers until every KV block is free and no request is left; returns stats."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.run(self.backend.pools.stats())
+            if workers_idle(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.2)
+
+
+def workers_idle(stats: dict) -> bool:
+    """Every KV block free and no request left, on every worker of `WorkerPools.stats()`."""
+    workers = [s if isinstance(s, dict) else s.__dict__ for s in stats["prefill"] + stats["decode"]]
+    return all(w["num_free_blocks"] == w["num_blocks"] and w["num_requests"] == 0 for w in workers)
