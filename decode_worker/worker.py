@@ -74,6 +74,10 @@ class DecodeWorker:
         self.receiver = None
         self.background: BackgroundEngine | None = None
         self.leases = LeaseTable(on_expire=self._on_lease_expired)
+        # Tickets whose transfer has not settled: the sender may still write into their blocks
+        # (shm and CUDA IPC write before they announce a chunk), so those blocks are never
+        # freed before the sender says done or failed, its link drops, or its lease lapses.
+        self._in_transfer: set[str] = set()
         self._pending: dict[str, StepDelta] = {}
         self._pending_lock = threading.Lock()
         self._ready = asyncio.Event()
@@ -121,9 +125,14 @@ class DecodeWorker:
             return None
         num_cached, block_table = reservation
         first_block = num_cached // self.receiver_block_size
-        ticket = self.receiver.issue_ticket(
-            request_id, block_table[first_block:], len(prompt_token_ids) - num_cached,
-            lease_id=request_id, first_token=num_cached)
+        try:
+            ticket = self.receiver.issue_ticket(
+                request_id, block_table[first_block:], len(prompt_token_ids) - num_cached,
+                lease_id=request_id, first_token=num_cached)
+        except Exception:
+            await self._call(lambda engine: engine.abort_request(request_id))
+            raise
+        self._in_transfer.add(request_id)
         self.leases.grant(request_id, self.lease_ttl_s)
         return Reservation(ticket, num_cached)
 
@@ -144,15 +153,26 @@ class DecodeWorker:
         None when it runs on; raises TransferError / TransferTimeout when the KV never came.
         """
         try:
-            await asyncio.to_thread(self.receiver.wait, request_id, timeout_s)
+            await self._await_transfer(request_id, timeout_s)
         except Exception:
+            # Failed (the sender said so or vanished) or stalled past the timeout: give up.
+            self._in_transfer.discard(request_id)
             await self.abort(request_id)
             raise
-        finally:
-            self.leases.release(request_id)
-            self.receiver.release(request_id)
+        self._in_transfer.discard(request_id)
+        self.leases.release(request_id)
+        self.receiver.release(request_id)
         out = await self._call(lambda engine: engine.start_after_transfer(request_id, first_token, logprobs))
         return _to_delta(out) if out is not None and out.finished else None
+
+    async def _await_transfer(self, request_id: str, timeout_s: float | None) -> None:
+        """Poll without holding a thread; DONE returns, FAILED / a stall raise."""
+        deadline = time.monotonic() + (self.receiver.timeout_s if timeout_s is None else timeout_s)
+        delay = 0.0005
+        while not self.receiver.poll(request_id).finished and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.01)
+        self.receiver.wait(request_id, 0)
 
     # --- colocated path -----------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -161,7 +181,25 @@ class DecodeWorker:
 
     # --- both ---------------------------------------------------------------------------
     async def abort(self, request_id: str) -> None:
-        """Free everything the request holds here; unknown ids are ignored."""
+        """Free everything the request holds here; unknown ids are ignored.
+
+        While its KV is still in flight the blocks stay held until the transfer settles
+        (in the background), so no late write lands in a block another request now owns.
+        """
+        if request_id in self._in_transfer:
+            self._in_transfer.discard(request_id)
+            self._loop.create_task(self._abort_after_transfer(request_id))
+            return
+        await self._abort_now(request_id)
+
+    async def _abort_after_transfer(self, request_id: str) -> None:
+        try:
+            await self._await_transfer(request_id, None)
+        except Exception:  # failed or stalled: either way the sender is done with the blocks
+            pass
+        await self._abort_now(request_id)
+
+    async def _abort_now(self, request_id: str) -> None:
         self.leases.release(request_id)
         if self.receiver is not None:
             self.receiver.cancel(request_id, "aborted")
@@ -218,7 +256,9 @@ class DecodeWorker:
         self._loop.create_task(self._abort_expired(lease_id))
 
     async def _abort_expired(self, request_id: str) -> None:
-        await self.abort(request_id)
+        # The peer stopped renewing: it is dead or hung, so stop waiting for its transfer.
+        self._in_transfer.discard(request_id)
+        await self._abort_now(request_id)
         with self._pending_lock:
             self._pending[request_id] = StepDelta(request_id, (), "abort", None, 0)
         self._ready.set()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.request import RequestStatus
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,13 +75,21 @@ class BackgroundEngine:
                 outputs = self.engine.step()
             except Exception:
                 logger.exception("engine step failed; aborting its requests")
-                outputs = self._abort_all()
+                outputs = self._abort_computing()
             self.steps += 1
             if outputs:
-                self.on_outputs(outputs)
+                try:
+                    self.on_outputs(outputs)
+                except Exception:  # a consumer's bug must not stop the loop for everyone
+                    logger.exception("output callback failed")
 
-    def _abort_all(self) -> list[RequestOutput]:
-        """After a failed step, end every request so that no stream waits forever."""
-        outputs = [self.engine.abort_request(request_id)
-                   for request_id in list(self.engine.scheduler.requests)]
+    def _abort_computing(self) -> list[RequestOutput]:
+        """After a failed step, end the requests it computed so that no stream waits forever.
+
+        Requests still waiting for KV took no part in the step; their blocks may be being
+        written by a peer, so they are left to their owner.
+        """
+        ids = [rid for rid, request in self.engine.scheduler.requests.items()
+               if request.status != RequestStatus.WAITING_FOR_KV]
+        outputs = [self.engine.abort_request(request_id) for request_id in ids]
         return [out for out in outputs if out is not None]

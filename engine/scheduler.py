@@ -96,9 +96,10 @@ class Scheduler:
         self.check_fits(request.num_prompt_tokens, request.sampling_params.max_tokens)
         computed = self.kv_manager.get_computed_blocks(request)
         num_new = request.num_tokens - computed.num_computed_tokens
-        if len(self.running) >= self.config.max_num_seqs or not self.kv_manager.allocate_slots(
-            request, num_new, computed
-        ):
+        if (len(self.running) >= self.config.max_num_seqs
+                or not self.kv_manager.allocate_slots(request, num_new, computed)
+                or not self._leaves_headroom()):
+            self.kv_manager.free(request)  # roll back, and drop the lookup's per-request state
             return None
         request.num_cached_tokens = computed.num_computed_tokens
         request.status = RequestStatus.WAITING_FOR_KV
@@ -106,6 +107,12 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.running.append(request)
         return computed.num_computed_tokens
+
+    def _leaves_headroom(self) -> bool:
+        """After a reservation, a free block must remain per computing request, or decodes
+        would be starved by blocks held for KV that has not arrived yet."""
+        computing = len(self.running) - self.num_waiting_for_kv
+        return self.kv_manager.num_free_blocks >= computing
 
     def start_after_transfer(self, request_id: str, first_token: int,
                              logprobs: dict[int, float] | None = None) -> Request | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,9 @@ class PrefillWorker:
         # hung prefill worker stops renewing and the decode worker frees the blocks.
         self.lease_renew_s = lease_renew_s
         self._lease_holders: dict[str, object] = {}  # request id -> decode worker actor
+        # Ray does not order calls to an async actor: an abort can overtake its prefill.
+        # Remember recent aborts so a late prefill is refused instead of run.
+        self._aborted: OrderedDict[str, None] = OrderedDict()
         self.background: BackgroundEngine | None = None
         self.sender = None
         self.pusher: KVPusher | None = None
@@ -79,6 +83,9 @@ class PrefillWorker:
         decode_worker, the actor that issued the ticket, has its lease on the reserved blocks
         renewed while the request is here.
         """
+        if request_id in self._aborted:
+            await asyncio.to_thread(self.sender.send_failed, ticket, "aborted before prefill")
+            raise PrefillAborted(f"request {request_id} was aborted before its prefill started")
         first_only = dataclasses.replace(params, max_tokens=1, stop=(), include_stop_str_in_output=False)
         future = self._loop.create_future()
         self._waiting[request_id] = future
@@ -91,24 +98,36 @@ class PrefillWorker:
             engine.add_request(prompt_token_ids, first_only, request_id)
         try:
             await asyncio.wrap_future(self.background.call(admit))
-        except Exception:
+        except Exception as err:
             self._waiting.pop(request_id, None)
+            self._lease_holders.pop(request_id, None)
+            await asyncio.wrap_future(self.background.call(
+                lambda engine: self.pusher.abandon(request_id, f"refused: {err}")))
             raise
         return await future
 
     async def _renew_leases_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_renew_s)
-            by_worker: dict[int, tuple[object, list[str]]] = {}
+            by_worker: dict[object, tuple[object, list[str]]] = {}
             for request_id, actor in list(self._lease_holders.items()):
-                by_worker.setdefault(id(actor), (actor, []))[1].append(request_id)
-            for actor, request_ids in by_worker.values():
-                try:
-                    await actor.renew_leases.remote(request_ids)
-                except Exception as err:  # that decode worker is gone; its requests fail there
-                    logger.warning("lease renewal failed: %s", err)
+                by_worker.setdefault(actor._actor_id, (actor, []))[1].append(request_id)
+            await asyncio.gather(*(self._renew(actor, ids) for actor, ids in by_worker.values()))
+
+    async def _renew(self, actor, request_ids: list[str]) -> None:
+        try:
+            lapsed = await asyncio.wait_for(actor.renew_leases.remote(request_ids), self.lease_renew_s)
+        except Exception as err:  # that decode worker is gone or stuck; its requests fail there
+            logger.warning("lease renewal failed: %s", err)
+            return
+        for request_id in lapsed:  # the decode worker freed these blocks: stop pushing into them
+            await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
+        self._aborted[request_id] = None
+        while len(self._aborted) > 10_000:
+            self._aborted.popitem(last=False)
+
         def drop(engine: LLMEngine) -> None:
             engine.abort_request(request_id)
             self.pusher.abandon(request_id, "prefill aborted")

@@ -19,6 +19,8 @@ from router.pools import WorkerHandle, WorkerPools, _root_cause
 
 logger = logging.getLogger(__name__)
 
+ABORT_TIMEOUT_S = 30.0  # past this a worker is presumed stuck; leases free what it holds
+
 
 @dataclass
 class _Stream:
@@ -56,6 +58,8 @@ class ClusterBackend:
         if len(self.streams) >= self.max_in_flight:
             raise QueueFullError(f"{len(self.streams)} requests in flight; retry later")
         decode = self.pools.choose(self.pools.decode, prompt_token_ids)
+        if decode is None:
+            raise BackendError("no decode worker is alive")
         stream = _Stream(asyncio.Queue(), decode)
         self.streams[request_id] = stream
         decode.in_flight += 1
@@ -79,10 +83,12 @@ class ClusterBackend:
         finally:
             # Closed early (client cancel, deadline, an error): free the request everywhere.
             # Shielded, because this runs while the caller is being cancelled.
-            if not stream.settled:
-                await asyncio.shield(self.abort(request_id))
-            decode.in_flight -= 1
-            self.streams.pop(request_id, None)
+            try:
+                if not stream.settled:
+                    await asyncio.shield(self.abort(request_id))
+            finally:
+                decode.in_flight -= 1
+                self.streams.pop(request_id, None)
 
     async def _prefill_leg(self, request_id: str, prompt_token_ids: list[int],
                            params: SamplingParams, stream: _Stream) -> AsyncIterator[TokenDelta]:
@@ -92,6 +98,9 @@ class ClusterBackend:
         if reservation is None:
             raise QueueFullError(f"{decode.name} has no free KV blocks for this prompt; retry later")
         prefill = self.pools.choose(self.pools.prefill, prompt_token_ids)
+        if prefill is None:
+            await self.abort(request_id)
+            raise BackendError("no prefill worker is alive")
         stream.prefill = prefill
         prefill.in_flight += 1
         try:
@@ -120,8 +129,13 @@ class ClusterBackend:
             return
         stream.settled = True
         workers = [stream.decode] + ([stream.prefill] if stream.prefill is not None else [])
-        results = await asyncio.gather(*(w.actor.abort.remote(request_id) for w in workers),
-                                       return_exceptions=True)
+        calls = asyncio.gather(*(w.actor.abort.remote(request_id) for w in workers),
+                               return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(calls, ABORT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            logger.warning("abort of %s timed out; its leases will free what it holds", request_id)
+            return
         for worker, result in zip(workers, results):
             if isinstance(result, Exception):
                 logger.warning("abort of %s on %s failed: %s", request_id, worker.name, result)
@@ -133,7 +147,16 @@ class ClusterBackend:
         except (QueueFullError, asyncio.CancelledError):
             raise
         except Exception as err:
+            self._note_failure(worker, err)
             raise BackendError(f"{worker.name}: {_root_cause(err)}") from err
+
+    @staticmethod
+    def _note_failure(worker: WorkerHandle, err: BaseException) -> None:
+        from ray.exceptions import RayActorError
+
+        if isinstance(err, RayActorError) and worker.healthy:
+            logger.error("%s died; no new requests go to it: %s", worker.name, err)
+            worker.healthy = False
 
     # --- the decode workers' token streams -----------------------------------------------
     async def _pump(self, worker: WorkerHandle) -> None:
@@ -143,7 +166,10 @@ class ClusterBackend:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
+                self._note_failure(worker, err)
                 self._fail_streams_on(worker, BackendError(f"{worker.name} failed: {_root_cause(err)}"))
+                if not worker.healthy:
+                    return
                 await asyncio.sleep(1.0)
                 continue
             for delta in batch:

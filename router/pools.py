@@ -43,6 +43,7 @@ class WorkerHandle:
     actor: Any  # a Ray actor handle
     info: dict = field(default_factory=dict)
     in_flight: int = 0
+    healthy: bool = True  # False once the actor died; no new request is routed to it
 
     @property
     def name(self) -> str:
@@ -140,8 +141,10 @@ class WorkerPools:
     def model_name(self) -> str:
         return self.decode[0].info["layout"]["model"]
 
-    def choose(self, workers: list[WorkerHandle], prompt_token_ids: list[int]) -> WorkerHandle:
-        return self.policy.choose(workers, prompt_token_ids)
+    def choose(self, workers: list[WorkerHandle], prompt_token_ids: list[int]) -> WorkerHandle | None:
+        """A healthy worker picked by the policy, or None when the pool has none left."""
+        healthy = [w for w in workers if w.healthy]
+        return self.policy.choose(healthy, prompt_token_ids) if healthy else None
 
     async def stats(self) -> dict[str, list]:
         prefill = await asyncio.gather(*(w.actor.stats.remote() for w in self.prefill))

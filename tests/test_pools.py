@@ -36,3 +36,16 @@ def test_pool_config_refuses_bad_settings(kwargs, message):
 
 def test_colocated_mode_needs_no_prefill_pool():
     assert PoolConfig(mode="colocated", num_prefill_workers=0).num_prefill_workers == 0
+
+
+def test_dead_workers_get_no_new_requests():
+    from engine.config import EngineConfig
+    from router.pools import WorkerPools
+
+    pools = WorkerPools(PoolConfig(num_decode_workers=2), EngineConfig(), EngineConfig())
+    pools.decode = [WorkerHandle("decode", i, actor=None) for i in range(2)]
+    pools.decode[0].healthy = False  # idle, but dead
+    pools.decode[1].in_flight = 5
+    assert pools.choose(pools.decode, [1]).index == 1
+    pools.decode[1].healthy = False
+    assert pools.choose(pools.decode, [1]) is None

@@ -189,3 +189,32 @@ def test_random_workload_never_leaks_blocks():
         scheduler.kv_manager.check_invariants()
     drain(scheduler)
     assert_all_blocks_free(scheduler)
+
+
+def test_reservation_keeps_headroom_for_running_decodes():
+    scheduler = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    scheduler.add_request(make_request("run", 4, max_tokens=20))
+    run_step(scheduler)  # "run" decodes and holds 1 block; 5 are free
+    # 5 blocks for KV in flight would leave none for "run"'s next block.
+    assert scheduler.reserve_for_transfer(make_request("big", 20, first_token=30)) is None
+    assert scheduler.reserve_for_transfer(make_request("fits", 16, first_token=30)) == 0
+    scheduler.abort_request("fits")
+    drain(scheduler)
+    assert_all_blocks_free(scheduler)
+
+
+def test_refused_reservation_leaves_no_stale_prefix_state():
+    scheduler = make_scheduler(num_blocks=8, block_size=4, budget=64)
+    first = make_request("x", 12, max_tokens=1)
+    assert scheduler.reserve_for_transfer(first) == 0
+    scheduler.start_after_transfer("x", 7)  # its 3 full blocks are now in the prefix cache
+    scheduler.add_request(make_request("hog", 20, max_tokens=8, first_token=30))
+    run_step(scheduler)  # "hog" holds the 5 uncached blocks; only "x"'s 3 cached ones are free
+    # Same prompt as "x": its hits would take every free block, so it is refused, and
+    # nothing of its lookup may stay behind.
+    assert scheduler.reserve_for_transfer(make_request("r", 12)) is None
+    scheduler.abort_request("hog")
+    # The id comes back with another prompt: no hit may come from the refused lookup.
+    assert scheduler.reserve_for_transfer(make_request("r", 12, first_token=40)) == 0
+    scheduler.abort_request("r")
+    assert_all_blocks_free(scheduler)
