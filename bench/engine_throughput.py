@@ -1,12 +1,23 @@
 """Engine throughput against HF transformers on the same weights, in one run on one machine.
 
-Measures, for this engine and for HF transformers `generate`:
+Measures, for this engine and for HF transformers `generate` (same weights, same dtype, same
+process, same torch thread count):
   * batch-1 decode tokens/s (time of N new tokens minus time of 1, over N - 1), next to the
-    memory-bandwidth floor: the weight bytes one decode step must read over a measured read
-    bandwidth;
+    memory-bandwidth floor: the weight bytes one decode step must read (every parameter once; a
+    tied embedding once, as the LM head) over a measured read bandwidth;
   * total tokens/s (prompt + output tokens) for a mixed workload of requests with random prompt
     and output lengths. HF runs it as one left-padded static batch generating the longest output
     (its best static batching); only the tokens each request asked for are counted.
+
+Read bandwidth: the best of several timed passes over a 1 GiB buffer (far larger than the
+last-level cache), with the thread count both engines use, measured two ways: a plain sum (a
+streaming reduction) and a matrix-vector product through the same matmul call the engine's
+decode uses. The larger of the two is taken, so the floor is the higher (stricter) of the two.
+
+Threads: unless --threads is given, the count is picked by timing a small decode-like probe
+(matmuls of a few rows plus elementwise ops) at each count up to the cores this process may use;
+a larger count is taken only when it is at least 1.3x faster, because on a machine shared with
+other work an intra-op thread that has to wait for a busy core makes every op slower. The chosen count is used for everything and printed with the device.
 
 Writes bench/results/engine_throughput.json. Run with --help for the flags.
 """
@@ -32,15 +43,49 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def read_bandwidth_gbps(size_mb: int = 1024, repeats: int = 7) -> float:
-    """Best-of-N bandwidth of summing a buffer far larger than the last-level cache."""
-    buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+def _best_seconds(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        buf.sum()
+        fn()
         best = min(best, time.perf_counter() - start)
-    return buf.numel() * 4 / best / 1e9
+    return best
+
+
+def read_bandwidth_gbps(size_mb: int = 1024, repeats: int = 7) -> tuple[float, float]:
+    """(sum, matrix-vector) read bandwidth in GB/s, each the best of `repeats` passes."""
+    buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    nbytes = buf.numel() * 4
+    sum_gbps = nbytes / _best_seconds(buf.sum, repeats) / 1e9
+    # The same buffer as a column-major (out, in) weight, the layout the engine keeps on CPU.
+    weight = buf.view(1024, -1).t()  # (out, 1024), column-major
+    x = torch.ones(1, 1024)
+    gemv_gbps = nbytes / _best_seconds(lambda: torch.nn.functional.linear(x, weight), repeats) / 1e9
+    return sum_gbps, gemv_gbps
+
+
+def pick_num_threads(repeats: int = 5) -> int:
+    """The thread count (1..usable cores) that runs a decode-like probe fastest right now."""
+    cores = len(os.sched_getaffinity(0))
+    weight = torch.randn(3072, 576)
+    rows = torch.randn(8, 576)
+
+    def probe():
+        for _ in range(20):
+            y = torch.nn.functional.linear(rows, weight)
+            y = torch.nn.functional.silu(y) * y
+    timings = {}
+    for n in range(1, cores + 1):
+        torch.set_num_threads(n)
+        probe()
+        timings[n] = _best_seconds(probe, repeats)
+    log("thread probe: " + ", ".join(f"{n}: {t * 1e3:.1f} ms" for n, t in timings.items()))
+    # More threads must be clearly faster: load that arrives later hurts them far more.
+    chosen = 1
+    for n in sorted(timings):
+        if timings[n] * 1.3 < timings[chosen]:
+            chosen = n
+    return chosen
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -49,6 +94,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
     for p in model.parameters():
         seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def load_hf(model_path: str, dtype: torch.dtype):
@@ -132,24 +188,38 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per batch-1 figure (median)")
     parser.add_argument("--num-requests", type=int, default=32, help="requests in the mixed workload")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed workload's lengths and tokens")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for both engines and the bandwidth probe (0: pick)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="this engine's per-step token budget; a larger budget than the "
+                             "engine's default prefills more prompts per step (0: the default)")
     parser.add_argument("--skip-hf", action="store_true", help="measure only this engine")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "engine_throughput.json"),
                         help="where to write the JSON results")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    load_before = os.getloadavg()[0]  # the machine may be shared: the load is recorded
+    torch.set_num_threads(args.threads or pick_num_threads())
+    log(f"{torch.get_num_threads()} threads")
 
     log(f"loading {args.model} ({args.dtype}) into this engine")
-    llm = LLM(args.model, dtype=args.dtype, device="cpu")
+    options = {}
+    if args.max_num_batched_tokens:
+        options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    llm = LLM(args.model, dtype=args.dtype, device="cpu", **options)
+    llm_budget = llm.engine.config.scheduler.max_num_batched_tokens
     path = llm.engine.loaded.path
     vocab = llm.engine.loaded.config.vocab_size
     prompt = list(range(1000, 1032))
 
     log("measuring read bandwidth")
-    bandwidth = read_bandwidth_gbps()
+    sum_bw, gemv_bw = read_bandwidth_gbps()
+    bandwidth = max(sum_bw, gemv_bw)
     wbytes = weight_bytes(llm.engine.loaded.model)
     floor = bandwidth * 1e9 / wbytes
-    log(f"read bandwidth {bandwidth:.1f} GB/s, weights {wbytes / 1e6:.0f} MB, floor {floor:.1f} tok/s")
+    log(f"read bandwidth: sum {sum_bw:.1f} GB/s, matrix-vector {gemv_bw:.1f} GB/s; "
+        f"weights {wbytes / 1e6:.0f} MB, floor {floor:.1f} tok/s")
 
     log("batch-1 decode, this engine")
     ours_b1 = ours_batch1(llm, prompt, args.decode_tokens, args.repeats)
@@ -167,10 +237,13 @@ def main(argv=None) -> int:
         log("mixed workload, HF transformers (one left-padded batch)")
         hf_mix = hf_mixed(hf, prompts, outputs)
 
-    device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device = f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     result = {
         "model": args.model, "dtype": args.dtype, "device": device,
-        "read_bandwidth_gbps": round(bandwidth, 2), "weight_bytes": wbytes,
+        "read_bandwidth_gbps": round(bandwidth, 2), "sum_read_gbps": round(sum_bw, 2),
+        "gemv_read_gbps": round(gemv_bw, 2), "weight_bytes": wbytes,
+        "max_num_batched_tokens": llm_budget, "threads": torch.get_num_threads(),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "ours_batch1_tps": round(ours_b1, 2), "hf_batch1_tps": hf_b1 and round(hf_b1, 2),
         "floor_batch1_tps": round(floor, 2),
         "ours_mixed_tps": round(ours_mix, 1), "hf_mixed_tps": hf_mix and round(hf_mix, 1),

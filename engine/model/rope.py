@@ -50,6 +50,9 @@ class RotaryEmbedding:
         self.max_positions = max_positions
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # Every layer of one forward pass asks for the same positions tensor: the rows looked
+        # up for it are kept until a different tensor (the next step's) is asked for.
+        self._last: tuple[torch.Tensor, torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(max_positions, 2, head_dim): [:, 0] is cos, [:, 1] is sin."""
@@ -64,8 +67,13 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (T, 1, head_dim), broadcastable over heads."""
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2]
         rows = self.table(positions.device, dtype)[positions]  # (T, 2, head_dim)
-        return rows[:, 0:1], rows[:, 1:2]
+        cos_sin = (rows[:, 0:1], rows[:, 1:2])
+        self._last = (positions, dtype, cos_sin)
+        return cos_sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
