@@ -66,7 +66,9 @@ class BackgroundEngine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._drain_calls(block=not self.engine.has_work())
+            # A stalled engine waits for the next call (a transfer landing, an abort) instead of
+            # spinning on steps that cannot schedule anything.
+            self._drain_calls(block=not self.engine.has_work() or self.engine.stalled)
             if self._stopping.is_set():
                 break
             if not self.engine.has_work():

@@ -70,6 +70,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         self.detokenize = detokenize
+        self.stalled = False  # the last step could schedule nothing (KV in flight holds blocks)
         self.output_states: dict[str, OutputState] = {}
         self._ids = itertools.count()
         # Called after each forward pass with the step's scheduled requests, before their
@@ -153,8 +154,12 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.stalled = scheduled.is_empty
         if scheduled.is_empty:
-            if self.scheduler.has_work() and not scheduled.preempted_ids:
+            # Blocks held for KV in flight free up once it lands: wait for that. Without any,
+            # nothing will ever change, and waiting would hang the caller.
+            if (self.scheduler.has_work() and not scheduled.preempted_ids
+                    and self.scheduler.num_waiting_for_kv == 0):
                 raise RuntimeError("no request could be scheduled; the KV cache is too small")
             return []
         tables = [self.kv_manager.get_block_ids(s.request.request_id) for s in scheduled.scheduled]

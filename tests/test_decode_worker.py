@@ -71,3 +71,23 @@ def test_abort_without_transfer_in_flight_frees_at_once(tiny_checkpoints):
             await worker.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_decode_waits_instead_of_failing_when_kv_in_flight_holds_the_blocks(tiny_checkpoints):
+    # 8 blocks of 4: a running request and a reservation fill the cache; the running one must
+    # wait for the reserved blocks rather than abort everything.
+    config = EngineConfig.from_options(tiny_checkpoints["llama3"], dtype="float32", device="cpu",
+                                       num_blocks=8, block_size=4)
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config)
+    engine.add_request(list(range(3, 7)), SamplingParams(max_tokens=20, ignore_eos=True), "run")
+    engine.step()
+    assert engine.reserve_for_transfer("kv", list(range(20, 36)), SamplingParams(max_tokens=1))
+    for _ in range(20):
+        engine.step()  # "run" grows, gets preempted, then cannot come back while "kv" holds blocks
+    assert engine.stalled and "run" in engine.scheduler.requests
+    engine.start_after_transfer("kv", 5)  # max_tokens 1: finishes and frees its blocks
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
