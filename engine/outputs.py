@@ -41,9 +41,11 @@ class OutputState:
 
     def advance(self) -> tuple[list[int], str, str | None]:
         """Consume the request's new tokens; returns (new ids, new text, matched stop string)."""
-        output_ids = self.request.output_token_ids
-        new_ids = output_ids[self.num_emitted_tokens:]
-        self.num_emitted_tokens = len(output_ids)
+        # Only the new tail is sliced: copying every output token each step would make a long
+        # stream quadratic.
+        request = self.request
+        new_ids = request.all_token_ids[request.num_prompt_tokens + self.num_emitted_tokens:]
+        self.num_emitted_tokens = request.num_output_tokens
         if self.detokenizer is None:
             return new_ids, "", None
         delta = self.detokenizer.add_tokens(new_ids)
