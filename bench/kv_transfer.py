@@ -73,7 +73,7 @@ def sender_main(backend: str, endpoint: str, max_blocks: int, threads: int, jobs
         for start, blocks in chunks:
             sender.send_blocks(ticket, blocks, start=start)
         sender.send_done(ticket)
-        results.put((started, checksum(torch.cat([b for _, b in chunks], dim=2))))
+        results.put((started, checksum(torch.cat([b for _, b in chunks]))))
     sender.close()
 
 
@@ -102,7 +102,7 @@ def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, dict[str,
                 if rep >= args.warmup:
                     times.append(finished - started)
                 rx.release(request_id)
-            verified[str(size)] = sent_sum == checksum(rx.kv_cache[:, :, list(ticket.block_ids)].cpu())
+            verified[str(size)] = sent_sum == checksum(rx.kv_cache[list(ticket.block_ids)].cpu())
             gbps[str(size)] = round(n * LAYOUT.bytes_per_block / statistics.median(times) / 1e9, 3)
             print(f"  {backend:10s} {size:5d} MiB  {gbps[str(size)]:8.2f} GB/s  verified={verified[str(size)]}", file=sys.stderr, flush=True)
     finally:

@@ -1,8 +1,10 @@
 """Turns a scheduled step into one forward pass over the paged KV cache, then samples.
 
-The KV cache is one tensor (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim);
-layer l's view kv_cache[l] is what the attention backend reads and writes. Workers of the
-disaggregated path move blocks of this same tensor.
+The KV cache is one tensor (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim):
+block-major, so each block (all layers, K and V) is one contiguous piece of memory that a KV
+transfer moves with a single copy. Layer l's strided view kv_cache[:, l], of shape
+(num_blocks, 2, block_size, num_kv_heads, head_dim), is what the attention backend reads and
+writes. Workers of the disaggregated path move blocks of this same tensor.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class ModelRunner:
         self.device = device
         self.backend = get_attention_backend(attention_backend, device)
         self.sampler = Sampler()
-        shape = (kv_shape.num_layers, 2, kv_shape.num_blocks, kv_shape.block_size,
+        shape = (kv_shape.num_blocks, kv_shape.num_layers, 2, kv_shape.block_size,
                  kv_shape.num_kv_heads, kv_shape.head_dim)
         if kv_cache is None:
             kv_cache = torch.zeros(shape, dtype=kv_shape.dtype, device=device)
@@ -69,7 +71,7 @@ class ModelRunner:
                              f"expected {shape} {kv_shape.dtype}")
         # A tensor handed in (shared memory a KV receiver writes into) is used in place.
         self.kv_cache = kv_cache
-        self.kv_caches = list(self.kv_cache.unbind(0))  # per layer: (2, blocks, bs, kv_heads, hd)
+        self.kv_caches = list(self.kv_cache.unbind(1))  # per layer: (blocks, 2, bs, kv_heads, hd)
 
     @torch.inference_mode()
     def execute(

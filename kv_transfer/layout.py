@@ -14,8 +14,9 @@ from kv_transfer.errors import KVLayoutMismatch
 class KVLayout:
     """What a KV cache tensor means, independent of how many blocks it has or where it lives.
 
-    The cache tensor has shape (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
-    index 0 of dim 1 holding K and index 1 holding V. `dtype` is kept as a name ("bfloat16") so
+    The cache tensor has shape (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim),
+    index 0 of dim 2 holding K and index 1 holding V. Block-major: one block of every layer is one
+    contiguous piece of memory, so moving a block is one copy. `dtype` is kept as a name ("bfloat16") so
     the layout pickles and prints the same in every process.
     """
 
@@ -45,8 +46,8 @@ class KVLayout:
         return (self.block_size, self.num_kv_heads, self.head_dim)
 
     def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        # (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        return (self.num_layers, 2, num_blocks, *self.block_shape)
+        # (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+        return (num_blocks, self.num_layers, 2, *self.block_shape)
 
     @property
     def bytes_per_block(self) -> int:

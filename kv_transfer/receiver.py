@@ -81,12 +81,12 @@ class KVReceiver(abc.ABC):
 
     @property
     def kv_cache(self) -> torch.Tensor:
-        """(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim); transfers land here."""
+        """(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim); transfers land here."""
         return self._kv_cache
 
     @property
     def num_blocks(self) -> int:
-        return self._kv_cache.shape[2]
+        return self._kv_cache.shape[0]
 
     def issue_ticket(
         self, request_id: str, block_ids: Sequence[int], num_tokens: int, lease_id: str, first_token: int = 0
@@ -155,7 +155,7 @@ class KVReceiver(abc.ABC):
     # ---- control loop (one thread per connected sender) ---------------------------------------
 
     def _adopt_cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        expected = self.layout.cache_shape(kv_cache.shape[2]) if kv_cache.dim() == 6 else None
+        expected = self.layout.cache_shape(kv_cache.shape[0]) if kv_cache.dim() == 6 else None
         if tuple(kv_cache.shape) != expected or kv_cache.dtype != self.layout.torch_dtype:
             raise ValueError(f"kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype} does not match {self.layout}")
         return kv_cache

@@ -68,11 +68,11 @@ class KVSender(abc.ABC):
     ) -> None:
         """Push `blocks` into ticket.block_ids[start : start + n].
 
-        blocks: (num_layers, 2, n, block_size, kv_heads, head_dim) when layer is None, else that
-        layer's (2, n, block_size, kv_heads, head_dim). Returns when the receiver can read the data
+        blocks: (n, num_layers, 2, block_size, kv_heads, head_dim) when layer is None, else that
+        layer's (n, 2, block_size, kv_heads, head_dim). Returns when the receiver can read the data
         (or, for process groups, when the payload is handed to the transport).
         """
-        num_blocks = blocks.shape[2 if layer is None else 1]
+        num_blocks = blocks.shape[0]
         block_ids = ticket.block_ids[start : start + num_blocks]
         if start < 0 or len(block_ids) != num_blocks:
             raise ValueError(f"blocks [{start}, {start + num_blocks}) exceed the ticket's {len(ticket.block_ids)}")

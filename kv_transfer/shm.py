@@ -23,7 +23,7 @@ def map_shared_cache(path: str, layout: KVLayout, num_blocks: int) -> torch.Tens
     """Map `path` as a shared cache tensor; writes are visible to every process mapping it."""
     shape = layout.cache_shape(num_blocks)
     flat = torch.from_file(path, shared=True, size=math.prod(shape), dtype=layout.torch_dtype)
-    return flat.view(shape)  # (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+    return flat.view(shape)  # (num_blocks, num_layers, 2, block_size, kv_heads, head_dim)
 
 
 def prefault(cache: torch.Tensor, page_bytes: int = 4096) -> None:
@@ -73,9 +73,9 @@ class ShmSender(KVSender):
         self, link: ReceiverLink, request_id: str, block_ids: tuple[int, ...], blocks: torch.Tensor, layer: int | None
     ) -> None:
         remote_cache: torch.Tensor = link.backend_state
-        bad = [b for b in block_ids if b >= remote_cache.shape[2]]
+        bad = [b for b in block_ids if b >= remote_cache.shape[0]]
         if bad:
-            raise ValueError(f"blocks {bad} out of range for the receiver's {remote_cache.shape[2]} blocks")
+            raise ValueError(f"blocks {bad} out of range for the receiver's {remote_cache.shape[0]} blocks")
         scatter_blocks(remote_cache, block_ids, blocks, layer)
         nbytes = chunk_nbytes(self.layout, len(block_ids), layer)
         link.conn.send(("chunk", request_id, block_ids, layer, nbytes))

@@ -12,11 +12,36 @@ from kv_transfer.ticket import TransferState, TransferTicket
 
 @dataclass
 class _Entry:
+    """One ticketed request. Landed (layer, block) pairs are flags in a bytearray, not a set of
+    tuples: a 256 MiB transfer lands thousands of pairs, and that many small objects would set
+    off the cyclic garbage collector in the middle of transfers (tens of ms each time)."""
+
     ticket: TransferTicket
+    num_layers: int
     peer: str | None = None  # the sender that pushed the first chunk
     state: TransferState = TransferState.PENDING
-    landed: set[tuple[int, int]] = field(default_factory=set)  # (layer, block_id)
     reason: str = ""
+    num_landed: int = 0
+    position: dict[int, int] = field(init=False)  # block id -> its index in the ticket
+    landed: bytearray = field(init=False)  # flag of (layer, position) at layer * n + position
+
+    def __post_init__(self) -> None:
+        self.position = {block: i for i, block in enumerate(self.ticket.block_ids)}
+        self.landed = bytearray(self.num_layers * len(self.ticket.block_ids))
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.landed)
+
+    def mark(self, layers: Sequence[int], block_ids: Sequence[int]) -> None:
+        n = len(self.ticket.block_ids)
+        positions = [self.position[b] for b in block_ids]
+        for layer in layers:
+            base = layer * n
+            for pos in positions:
+                if not self.landed[base + pos]:
+                    self.landed[base + pos] = 1
+                    self.num_landed += 1
 
 
 class RequestTracker:
@@ -34,7 +59,7 @@ class RequestTracker:
         with self._cond:
             if ticket.request_id in self._entries:
                 raise ValueError(f"request {ticket.request_id} already has a ticket")
-            self._entries[ticket.request_id] = _Entry(ticket)
+            self._entries[ticket.request_id] = _Entry(ticket, self._num_layers)
 
     def ticket(self, request_id: str) -> TransferTicket | None:
         with self._cond:
@@ -49,7 +74,7 @@ class RequestTracker:
                 return f"no ticket for request {request_id}"
             if entry.state.finished:
                 return f"request {request_id} already {entry.state.name}"
-            stray = set(block_ids) - set(entry.ticket.block_ids)
+            stray = set(block_ids) - entry.position.keys()
             return f"blocks {sorted(stray)} are not in the ticket of {request_id}" if stray else None
 
     def record_chunk(self, request_id: str, peer: str, block_ids: Sequence[int], layer: int | None) -> None:
@@ -59,7 +84,7 @@ class RequestTracker:
             if entry is None or entry.state.finished:
                 return
             entry.peer = entry.peer or peer
-            entry.landed.update((lay, b) for lay in layers for b in block_ids)
+            entry.mark(layers, block_ids)
             entry.state = TransferState.IN_PROGRESS
             self._cond.notify_all()
 
@@ -69,7 +94,7 @@ class RequestTracker:
             entry = self._entries.get(request_id)
             if entry is None or entry.state.finished:
                 return None
-            missing = len(entry.ticket.block_ids) * self._num_layers - len(entry.landed)
+            missing = entry.num_pairs - entry.num_landed
             if ok and missing:
                 ok, reason = False, f"sender said done but {missing} (layer, block) pairs never landed"
             entry.state = TransferState.DONE if ok else TransferState.FAILED
@@ -108,7 +133,7 @@ class RequestTracker:
                 if left <= 0:
                     raise TransferTimeout(
                         f"transfer of {request_id} not done after {timeout_s:.1f}s "
-                        f"(state {entry.state.name}, {len(entry.landed)} (layer, block) pairs landed)"
+                        f"(state {entry.state.name}, {entry.num_landed} of {entry.num_pairs} (layer, block) pairs landed)"
                     )
                 self._cond.wait(left)
 

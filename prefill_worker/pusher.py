@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.scheduler import ScheduledRequest
-from kv_transfer import KVSender, TransferTicket
+from kv_transfer import KVSender, TransferTicket, gather_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class KVPusher:
     def __init__(self, sender: KVSender, kv_cache: torch.Tensor, block_size: int,
                  block_table_of) -> None:
         self.sender = sender
-        self.kv_cache = kv_cache  # (layers, 2, blocks, block_size, kv_heads, head_dim)
+        self.kv_cache = kv_cache  # (blocks, layers, 2, block_size, kv_heads, head_dim)
         self.block_size = block_size
         self.block_table_of = block_table_of  # request_id -> list of block ids
         self.states: dict[str, PushState] = {}
@@ -61,8 +61,7 @@ class KVPusher:
             begin = state.first_block + state.num_queued
             if upto > begin:
                 table = self.block_table_of(request.request_id)
-                index = torch.tensor(table[begin:upto])
-                blocks = self.kv_cache.index_select(2, index)  # (layers, 2, n, bs, kv_heads, hd) copy
+                blocks = gather_blocks(self.kv_cache, table[begin:upto])  # (n, layers, 2, bs, kv_heads, hd)
                 self._queue.put((state, blocks, state.num_queued))
                 state.num_queued += upto - begin
             if finished:

@@ -46,7 +46,8 @@ def run_step(cached: list[int], new: list[int], num_heads: int, kv_heads: int, s
     for n in blocks_per_req:
         tables.append(order[start : start + n])
         start += n
-    kv_cache = torch.zeros(2, num_blocks, BLOCK_SIZE, kv_heads, HEAD_DIM)
+    # One layer of a three-layer block-major cache: the strided view the model runner passes.
+    kv_cache = torch.zeros(num_blocks, 3, 2, BLOCK_SIZE, kv_heads, HEAD_DIM)[:, 1]
     full_k = [torch.randn(t, kv_heads, HEAD_DIM, generator=gen) for t in totals]
     full_v = [torch.randn(t, kv_heads, HEAD_DIM, generator=gen) for t in totals]
     full_q = [torch.randn(t, num_heads, HEAD_DIM, generator=gen) for t in totals]
@@ -115,13 +116,16 @@ def test_decode_of_a_single_request():
 
 def test_new_kv_lands_in_the_mapped_slots():
     md = make_metadata([(0, 3)], [[2, 0]])
-    kv_cache = torch.zeros(2, 3, BLOCK_SIZE, 1, HEAD_DIM)
+    # Layer 1 of a two-layer block-major cache: a strided view, as the model runner hands it.
+    full_cache = torch.zeros(3, 2, 2, BLOCK_SIZE, 1, HEAD_DIM)
+    kv_cache = full_cache[:, 1]
     k = torch.randn(3, 1, HEAD_DIM)
     v = torch.randn(3, 1, HEAD_DIM)
     TorchAttentionBackend().forward(torch.randn(3, 2, HEAD_DIM), k, v, kv_cache, md, 0.3)
-    torch.testing.assert_close(kv_cache[0, 2, :3], k)
-    torch.testing.assert_close(kv_cache[1, 2, :3], v)
-    assert kv_cache[:, 0].abs().sum() == 0 and kv_cache[:, 1].abs().sum() == 0
+    torch.testing.assert_close(full_cache[2, 1, 0, :3], k)
+    torch.testing.assert_close(full_cache[2, 1, 1, :3], v)
+    full_cache[2, 1, :, :3] = 0
+    assert full_cache.abs().sum() == 0, "bytes landed outside the mapped slots"
 
 
 def test_backend_choice():

@@ -42,7 +42,7 @@ def test_layout_normalizes_dtype_and_counts_bytes() -> None:
     layout = KVLayout("m", torch.bfloat16, 16, 3, 2, 64)
     assert layout.dtype == "bfloat16" and layout.torch_dtype is torch.bfloat16
     assert layout.bytes_per_block == 3 * 2 * 16 * 2 * 64 * 2
-    assert layout.allocate(5).shape == (3, 2, 5, 16, 2, 64)
+    assert layout.allocate(5).shape == (5, 3, 2, 16, 2, 64)  # block-major
 
 
 def test_layout_check_names_every_differing_field() -> None:
@@ -66,9 +66,9 @@ def test_gather_then_scatter_roundtrips_noncontiguous_and_per_layer() -> None:
     dst = LAYOUT.allocate(12)
     scatter_blocks(dst, [11, 0, 5], gather_blocks(src, [2, 7, 3]))
     scatter_blocks(dst, [6, 7], gather_blocks(src, [8, 9], layer=1), layer=1)
-    assert torch.equal(dst[:, :, [11, 0, 5]], src[:, :, [2, 7, 3]])
-    assert torch.equal(dst[1, :, [6, 7]], src[1, :, [8, 9]])
-    assert not dst[0, :, [6, 7]].any()  # layer 0 of those blocks was never sent
+    assert torch.equal(dst[[11, 0, 5]], src[[2, 7, 3]])
+    assert torch.equal(dst[[6, 7], 1], src[[8, 9], 1])
+    assert not dst[[6, 7], 0].any()  # layer 0 of those blocks was never sent
 
 
 def test_lease_expiry_frees_blocks_with_fake_clock() -> None:

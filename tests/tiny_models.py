@@ -123,7 +123,7 @@ def single_sequence_context(
     """One request prefilling `num_tokens` tokens into a fresh cache, blocks 0..n-1 in order."""
     num_blocks = -(-num_tokens // block_size) + 1
     kv_caches = [
-        torch.zeros(2, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype)
+        torch.zeros(num_blocks, 2, block_size, config.num_kv_heads, config.head_dim, dtype=dtype)
         for _ in range(config.num_layers)
     ]
     table = list(range(num_blocks))

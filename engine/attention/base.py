@@ -46,7 +46,7 @@ class AttentionBackend(ABC):
         q: torch.Tensor,  # (num_tokens, num_heads, head_dim)
         k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
         v: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # (num_blocks, 2, block_size, num_kv_heads, head_dim), strided
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
@@ -58,7 +58,7 @@ class ForwardContext:
     """What one forward pass needs besides token ids and positions."""
 
     metadata: AttentionMetadata
-    kv_caches: list[torch.Tensor]  # one (2, num_blocks, block_size, kv_heads, head_dim) per layer
+    kv_caches: list[torch.Tensor]  # one (num_blocks, 2, block_size, kv_heads, head_dim) per layer
     backend: AttentionBackend
 
     def attention(

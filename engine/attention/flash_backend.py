@@ -38,8 +38,8 @@ class FlashAttentionBackend(AttentionBackend):
         if md.is_all_decode and paged:
             out = flash_attn_with_kvcache(
                 q.unsqueeze(1),  # (B, 1, heads, hd)
-                kv_cache[0],  # (num_blocks, bs, kv_heads, hd)
-                kv_cache[1],
+                kv_cache[:, 0],  # (num_blocks, bs, kv_heads, hd), strided on blocks
+                kv_cache[:, 1],
                 cache_seqlens=md.seq_lens.to(torch.int32),
                 block_table=block_table,
                 softmax_scale=scale,
@@ -56,10 +56,10 @@ class FlashAttentionBackend(AttentionBackend):
             causal=True,
         )
         if paged:
-            return flash_attn_varlen_func(q, kv_cache[0], kv_cache[1], block_table=block_table, **common)
+            return flash_attn_varlen_func(q, kv_cache[:, 0], kv_cache[:, 1], block_table=block_table, **common)
         slots = _context_slots(md, cu_seqlens_k, block_size)  # (sum(seq_lens),)
-        flat = kv_cache.flatten(1, 2)  # (2, num_blocks * bs, kv_heads, hd)
-        return flash_attn_varlen_func(q, flat[0][slots], flat[1][slots], **common)
+        index = (slots // block_size, slots % block_size)
+        return flash_attn_varlen_func(q, kv_cache[:, 0][index], kv_cache[:, 1][index], **common)
 
 
 def _context_slots(md: AttentionMetadata, cu_seqlens_k: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -14,15 +14,17 @@ from engine.attention.base import AttentionBackend, AttentionMetadata
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store this step's K/V (T, kv_heads, hd) at their flat slots of the paged cache."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)  # (2, slots, kv_heads, hd)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    """Store this step's K/V (T, kv_heads, hd) at their flat slots (block * block_size + offset)
+    of one layer's cache (num_blocks, 2, block_size, kv_heads, hd)."""
+    block_size = kv_cache.shape[2]
+    index = (slot_mapping // block_size, slot_mapping % block_size)
+    kv_cache[:, 0].index_put_(index, k.to(kv_cache.dtype))
+    kv_cache[:, 1].index_put_(index, v.to(kv_cache.dtype))
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """cache: (num_blocks, bs, kv_heads, hd); block_ids: (..., nblk) -> (..., length, kv_heads, hd)."""
+    """cache: (num_blocks, bs, kv_heads, hd), strided on blocks; block_ids: (..., nblk)
+    -> (..., length, kv_heads, hd)."""
     # index_select on the flattened ids: several times cheaper on CPU than advanced indexing.
     blocks = cache.index_select(0, block_ids.reshape(-1))  # (B * nblk, bs, kv_heads, hd)
     blocks = blocks.view(*block_ids.shape, *cache.shape[1:])  # (..., nblk, bs, kv_heads, hd)
@@ -59,8 +61,8 @@ class TorchAttentionBackend(AttentionBackend):
         max_len = md.max_seq_len
         nblk = -(-max_len // block_size)
         block_ids = md.block_table[:, :nblk]  # (B, nblk)
-        keys = gather_blocks(kv_cache[0], block_ids, max_len).transpose(1, 2)  # (B, kv_heads, S, hd)
-        values = gather_blocks(kv_cache[1], block_ids, max_len).transpose(1, 2)
+        keys = gather_blocks(kv_cache[:, 0], block_ids, max_len).transpose(1, 2)  # (B, kv_heads, S, hd)
+        values = gather_blocks(kv_cache[:, 1], block_ids, max_len).transpose(1, 2)
         grouped_q = q.view(num_reqs, kv_heads, num_heads // kv_heads, head_dim)  # (B, kv_heads, G, hd)
         mask = None
         if num_reqs > 1:
@@ -89,8 +91,8 @@ class TorchAttentionBackend(AttentionBackend):
         seq_len = md.seq_lens_cpu[req]
         nblk = -(-seq_len // kv_cache.shape[2])
         block_ids = md.block_table[req, :nblk]  # (nblk,)
-        keys = gather_blocks(kv_cache[0], block_ids, seq_len).transpose(0, 1)  # (kv_heads, S, hd)
-        values = gather_blocks(kv_cache[1], block_ids, seq_len).transpose(0, 1)
+        keys = gather_blocks(kv_cache[:, 0], block_ids, seq_len).transpose(0, 1)  # (kv_heads, S, hd)
+        values = gather_blocks(kv_cache[:, 1], block_ids, seq_len).transpose(0, 1)
         queries = q.transpose(0, 1)  # (heads, L, hd)
         if query_len == seq_len:
             mask, causal = None, True  # a fresh prefill: plain lower-triangular
