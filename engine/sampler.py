@@ -124,7 +124,7 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) ->
     grow at such a token.
     """
     cdf = torch.cumsum(probs.double(), dim=-1)
-    u = torch.rand(1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[-1]
+    u = _uniform(generator, probs.device) * cdf[-1]
     token_id = int(torch.searchsorted(cdf, u, right=True))
     if token_id >= probs.shape[0]:  # u rounded up to the total mass
         token_id = int(probs.nonzero()[-1])
@@ -133,7 +133,13 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) ->
 
 def _request_generator(request: Request, device: torch.device) -> torch.Generator | None:
     """A seeded request draws from its own generator, so its samples do not depend on what else
-    is in the batch. The generator lives on the request (created on first use)."""
+    is in the batch. The generator lives on the request (created on first use).
+
+    Every sampled token takes exactly one draw (see sample_from_probs), so a generator created
+    for a request that already has output tokens, sampled in another process (the prefill
+    worker's first token), skips one draw per token: the stream then continues exactly where
+    a single engine's would, and seeded output does not depend on where each token was sampled.
+    """
     seed = request.sampling_params.seed
     if seed is None:
         return None
@@ -141,8 +147,15 @@ def _request_generator(request: Request, device: torch.device) -> torch.Generato
     if generator is None or generator.device != device:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+        for _ in range(len(request.output_token_ids)):
+            _uniform(generator, device)
         setattr(request, "generator", generator)
     return generator
+
+
+def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The one draw a sampled token takes: (1,) float64 in [0, 1)."""
+    return torch.rand(1, generator=generator, device=device, dtype=torch.float64)
 
 
 def _batch_logprobs(

@@ -102,6 +102,24 @@ def test_32_concurrent_streams_match_single_process_and_count_kv_bytes(
     assert after["decode"][0].transfers - before["decode"][0].transfers == len(prompts) + len(wave2)
 
 
+def test_seeded_sampling_through_the_cluster_matches_single_process(disaggregated, workload, demo_gguf_path):
+    """The first token is sampled on the prefill worker, the rest on the decode worker; seeded
+    output must still be what one engine samples."""
+    prompts = workload[0][:4]
+    stub = disaggregated.stub()
+    got = []
+    for i, prompt in enumerate(prompts):
+        request = pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=prompt),
+            sampling_params=pb.SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=100 + i,
+                                              ignore_eos=True))
+        got.append(collect(stub.Generate(request))[0])
+    llm = LLM(demo_gguf_path, **ENGINE_OPTIONS)
+    params = [SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    assert got == [out.token_ids for out in llm.generate(prompts, params)]
+
+
 def test_client_cancel_mid_stream_frees_blocks_on_both_workers(disaggregated, demo_gguf_path):
     prompt = load_tokenizer(demo_gguf_path).encode("Count slowly from one to one thousand:")
     # 2000 tokens take over a minute to decode here: only an abort frees the blocks in 10 s.

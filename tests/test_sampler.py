@@ -67,6 +67,28 @@ def test_seeded_request_is_reproducible_alone_and_in_a_batch():
     assert [sampler(logits, [other_seed]).token_ids[0] for _ in range(20)] != alone_tokens
 
 
+def test_seeded_stream_continues_across_a_hand_off():
+    """The prefill worker samples the first token; the decode worker builds its own request
+    holding that token and samples the rest. The tokens equal one request sampling them all."""
+    params = SamplingParams(temperature=1.0, seed=77)
+    logits = torch.zeros(1, VOCAB)  # uniform: every draw depends on the generator only
+    whole = _request(params)
+    expected = []
+    for _ in range(12):
+        expected.append(Sampler()(logits, [whole]).token_ids[0])
+        whole.append_output_token(expected[-1])
+
+    prefill_side = _request(params)
+    first = Sampler()(logits, [prefill_side]).token_ids[0]
+    decode_side = _request(params, output=[first])  # a fresh request: no generator yet
+    rest = []
+    for _ in range(11):
+        rest.append(Sampler()(logits, [decode_side]).token_ids[0])
+        decode_side.append_output_token(rest[-1])
+    assert [first, *rest] == expected
+    assert len(set(expected)) > 3  # it really samples
+
+
 def test_top_k_one_is_greedy():
     logits = _logits(6, seed=2)
     reqs = [_request(SamplingParams(temperature=1.5, top_k=1, seed=i)) for i in range(6)]
