@@ -47,6 +47,7 @@ class WorkerStats:
     steps: int
     transfer_bytes: int
     transfers: int
+    transfer_chunks: int
     transfer_failures: int
 
 
@@ -228,6 +229,7 @@ class DecodeWorker:
                 num_requests=engine.scheduler.num_unfinished, steps=self.background.steps,
                 transfer_bytes=counters.bytes if counters else 0,
                 transfers=counters.transfers if counters else 0,
+                transfer_chunks=counters.chunks if counters else 0,
                 transfer_failures=counters.failures if counters else 0)
         return await self._call(collect)
 

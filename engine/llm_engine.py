@@ -76,6 +76,9 @@ class LLMEngine:
         # Called after each forward pass with the step's scheduled requests, before their
         # num_computed_tokens advance: the prefill worker pushes the fresh KV from here.
         self.after_forward: Callable[[tuple[ScheduledRequest, ...]], None] | None = None
+        # Called as after_layer(layer, scheduled) once each layer has written this step's K/V:
+        # a prefill worker pushing layer by layer (GPU) starts sending while later layers compute.
+        self.after_layer: Callable[[int, tuple[ScheduledRequest, ...]], None] | None = None
 
     def _kv_cache_shape(self) -> KVCacheShape:
         cache = self.config.cache
@@ -163,7 +166,11 @@ class LLMEngine:
                 raise RuntimeError("no request could be scheduled; the KV cache is too small")
             return []
         tables = [self.kv_manager.get_block_ids(s.request.request_id) for s in scheduled.scheduled]
-        result = self.runner.execute(scheduled.scheduled, tables)
+        after_layer = None
+        if self.after_layer is not None:
+            hook, items = self.after_layer, scheduled.scheduled
+            after_layer = lambda layer: hook(layer, items)  # noqa: E731
+        result = self.runner.execute(scheduled.scheduled, tables, after_layer)
         if self.after_forward is not None:
             self.after_forward(scheduled.scheduled)
         progressed = self.scheduler.update_from_output(scheduled, result.sampled)

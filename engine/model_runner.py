@@ -8,6 +8,7 @@ writes. Workers of the disaggregated path move blocks of this same tensor.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,10 +76,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]
+        self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]],
+        after_layer: Callable[[int], None] | None = None,
     ) -> StepResult:
         input_ids, positions, metadata = self.prepare_inputs(scheduled, block_tables)
-        ctx = ForwardContext(metadata, self.kv_caches, self.backend)
+        ctx = ForwardContext(metadata, self.kv_caches, self.backend, after_layer)
         hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
         rows = [i for i, s in enumerate(scheduled) if s.samples]
         if not rows:

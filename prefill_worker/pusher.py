@@ -1,4 +1,11 @@
-"""Decides which blocks a prefill step completed, copies them out, and sends them in order."""
+"""Decides which blocks a prefill step completed, copies them out, and sends them in order.
+
+Two granularities. "chunk": after each forward pass, the blocks the step completed go out with
+all their layers in one push. "layer": after each layer of the pass, that layer's slice of the
+same blocks goes out, so the transfer of early layers overlaps the compute of later ones (the
+mode for GPUs, where a step's layers take long enough for this to pay). Either way a block is
+sent once all its tokens are computed, and the last, partial block when the prompt ends.
+"""
 from __future__ import annotations
 
 import logging
@@ -25,18 +32,32 @@ class PushState:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+GRANULARITIES = ("chunk", "layer")
+
+
+def resolve_granularity(granularity: str, device: torch.device) -> str:
+    """"auto" is "layer" on CUDA and "chunk" elsewhere (a CPU step has no idle link to fill)."""
+    if granularity == "auto":
+        return "layer" if device.type == "cuda" else "chunk"
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"push granularity must be auto, chunk or layer, got {granularity!r}")
+    return granularity
+
+
 class KVPusher:
-    """Engine thread: `after_forward` gathers completed blocks. Sender thread: pushes them.
+    """Engine thread: `after_layer` / `after_forward` gather completed blocks. Sender thread:
+    pushes them, in the order they were gathered.
 
     Blocks are copied out of the KV cache on the engine thread, so the engine may free or reuse
     them as soon as the step ends; the copy is what travels.
     """
 
     def __init__(self, sender: KVSender, kv_cache: torch.Tensor, block_size: int,
-                 block_table_of) -> None:
+                 block_table_of, granularity: str = "chunk") -> None:
         self.sender = sender
         self.kv_cache = kv_cache  # (blocks, layers, 2, block_size, kv_heads, head_dim)
         self.block_size = block_size
+        self.granularity = resolve_granularity(granularity, kv_cache.device)
         self.block_table_of = block_table_of  # request_id -> list of block ids
         self.states: dict[str, PushState] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -48,32 +69,52 @@ class KVPusher:
         self.states[ticket.request_id] = state
         return state
 
+    def _ready(self, item: ScheduledRequest) -> tuple[PushState, int, int, bool] | None:
+        """(state, begin, upto, finished): blocks [begin, upto) of the request's table are
+        complete after this step and not yet queued; None if the request is not pushed here."""
+        state = self.states.get(item.request.request_id)
+        if state is None or state.failed:
+            return None
+        request = item.request
+        computed = request.num_computed_tokens + item.num_new_tokens
+        finished = computed >= request.num_prompt_tokens
+        # A block is sent once all its tokens are computed; the last, partial one at the end.
+        upto = -(-computed // self.block_size) if finished else computed // self.block_size
+        return state, state.first_block + state.num_queued, upto, finished
+
+    def after_layer(self, layer: int, scheduled: tuple[ScheduledRequest, ...]) -> None:
+        if self.granularity != "layer":
+            return
+        for item in scheduled:
+            ready = self._ready(item)
+            if ready is not None and ready[2] > ready[1]:
+                state, begin, upto, _ = ready
+                table = self.block_table_of(item.request.request_id)
+                blocks = gather_blocks(self.kv_cache, table[begin:upto], layer)  # (n, 2, bs, kv_heads, hd)
+                self._queue.put((state, blocks, state.num_queued, layer))
+
     def after_forward(self, scheduled: tuple[ScheduledRequest, ...]) -> None:
         for item in scheduled:
-            state = self.states.get(item.request.request_id)
-            if state is None or state.failed:
+            ready = self._ready(item)
+            if ready is None:
                 continue
-            request = item.request
-            computed = request.num_computed_tokens + item.num_new_tokens
-            finished = computed >= request.num_prompt_tokens
-            # A block is sent once all its tokens are computed; the last, partial one at the end.
-            upto = -(-computed // self.block_size) if finished else computed // self.block_size
-            begin = state.first_block + state.num_queued
+            state, begin, upto, finished = ready
             if upto > begin:
-                table = self.block_table_of(request.request_id)
-                blocks = gather_blocks(self.kv_cache, table[begin:upto])  # (n, layers, 2, bs, kv_heads, hd)
-                self._queue.put((state, blocks, state.num_queued))
-                state.num_queued += upto - begin
+                if self.granularity == "chunk":
+                    table = self.block_table_of(item.request.request_id)
+                    blocks = gather_blocks(self.kv_cache, table[begin:upto])  # (n, layers, 2, bs, kv_heads, hd)
+                    self._queue.put((state, blocks, state.num_queued, None))
+                state.num_queued += upto - begin  # in layer mode, every layer is queued by now
             if finished:
-                self._queue.put((state, None, None))
-                del self.states[request.request_id]
+                self._queue.put((state, None, None, None))
+                del self.states[item.request.request_id]
 
     def abandon(self, request_id: str, reason: str) -> None:
         """The request was aborted before its KV was all sent: tell the receiver."""
         state = self.states.pop(request_id, None)
         if state is not None and not state.failed:
             state.failed = reason
-            self._queue.put((state, None, None))
+            self._queue.put((state, None, None, None))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -84,11 +125,11 @@ class KVPusher:
             job = self._queue.get()
             if job is None:
                 return
-            state, blocks, start = job
+            state, blocks, start, layer = job
             try:
                 if blocks is not None:
                     if not state.failed:
-                        self.sender.send_blocks(state.ticket, blocks, start=start)
+                        self.sender.send_blocks(state.ticket, blocks, start=start, layer=layer)
                 elif state.failed:
                     self.sender.send_failed(state.ticket, state.failed)
                     state.done.set()

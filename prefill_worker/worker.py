@@ -34,9 +34,11 @@ class PrefillAborted(RuntimeError):
 
 class PrefillWorker:
     def __init__(self, engine_config: EngineConfig, transfer_backend: str = "shm",
-                 torch_threads: int | None = None, lease_renew_s: float = 5.0) -> None:
+                 torch_threads: int | None = None, lease_renew_s: float = 5.0,
+                 push_granularity: str = "auto") -> None:
         self.engine_config = engine_config
         self.transfer_backend = transfer_backend
+        self.push_granularity = push_granularity  # auto | chunk | layer (see prefill_worker.pusher)
         self.torch_threads = torch_threads
         # Every request queued or computing here keeps its decode-side lease alive; a dead or
         # hung prefill worker stops renewing and the decode worker frees the blocks.
@@ -60,12 +62,15 @@ class PrefillWorker:
         layout = KVLayout(**engine.kv_layout_fields())
         self.sender = create_sender(self.transfer_backend, layout)
         self.pusher = KVPusher(self.sender, engine.runner.kv_cache, layout.block_size,
-                               engine.kv_manager.get_block_ids)
+                               engine.kv_manager.get_block_ids, self.push_granularity)
         engine.after_forward = self.pusher.after_forward
+        if self.pusher.granularity == "layer":
+            engine.after_layer = self.pusher.after_layer
         self.background = BackgroundEngine(engine, self._on_outputs)
         self.background.start()
         self._loop.create_task(self._renew_leases_forever())
-        return {"layout": engine.kv_layout_fields(), "max_model_len": engine.max_model_len}
+        return {"layout": engine.kv_layout_fields(), "max_model_len": engine.max_model_len,
+                "push_granularity": self.pusher.granularity}
 
     async def connect(self, endpoints: list[str]) -> None:
         """Handshake with every decode worker's receiver now, not on a request's critical path.

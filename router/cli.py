@@ -104,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pools=PoolConfig(mode=args.mode, num_prefill_workers=args.prefill_workers,
                              num_decode_workers=args.decode_workers,
                              transfer_backend=args.kv_transfer_backend,
-                             lease_ttl_s=args.lease_ttl, torch_threads=args.torch_threads),
+                             lease_ttl_s=args.lease_ttl, torch_threads=args.torch_threads,
+                             kv_push=args.kv_push),
             host=args.host, grpc_port=args.grpc_port, ray_address=args.ray_address,
             max_in_flight=args.max_in_flight)
     except (TypeError, ValueError) as err:
@@ -135,6 +136,10 @@ def add_serve_parser(sub) -> None:
                    help="how KV moves from prefill to decode: shm (shared memory, one host), "
                         "torch_dist (gloo on CPU, NCCL on GPU; across hosts), cuda_ipc (one node) "
                         "(default: shm)")
+    g.add_argument("--kv-push", default="auto", choices=["auto", "chunk", "layer"],
+                   help="when the prefill worker sends KV: after each chunk of the prompt (all layers "
+                        "at once) or after each layer, overlapping the transfer with the next layers' "
+                        "compute (default auto: layer on GPU, chunk on CPU)")
     g.add_argument("--lease-ttl", type=float, default=30.0,
                    help="seconds a decode worker holds blocks for KV that does not arrive (default 30)")
     g.add_argument("--torch-threads", type=int, default=None,

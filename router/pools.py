@@ -26,6 +26,7 @@ class PoolConfig:
     transfer_backend: str = "shm"  # shm (one host), torch_dist (gloo / NCCL), cuda_ipc
     lease_ttl_s: float = 30.0  # reserved blocks are freed when no KV arrives for this long
     torch_threads: int | None = None  # per worker; None splits this host's cores between workers
+    kv_push: str = "auto"  # prefill pushes KV per chunk or per layer; auto: layer on GPU, chunk on CPU
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -34,6 +35,8 @@ class PoolConfig:
             raise ValueError("at least one decode worker is needed")
         if self.mode == "disaggregated" and self.num_prefill_workers < 1:
             raise ValueError("disaggregated mode needs at least one prefill worker")
+        if self.kv_push not in ("auto", "chunk", "layer"):
+            raise ValueError(f"kv_push must be 'auto', 'chunk' or 'layer', got {self.kv_push!r}")
 
 
 @dataclass
@@ -108,7 +111,7 @@ class WorkerPools:
             for i in range(self.config.num_prefill_workers):
                 actor = prefill_cls.options(**_actor_options("prefill", cluster, gpus)).remote(
                     self.prefill_engine, self.config.transfer_backend, threads,
-                    self.config.lease_ttl_s / 3)
+                    self.config.lease_ttl_s / 3, self.config.kv_push)
                 self.prefill.append(WorkerHandle("prefill", i, actor))
         await asyncio.gather(*(self._start_worker(w) for w in self.all_workers))
         endpoints = [w.info["endpoint"] for w in self.decode]

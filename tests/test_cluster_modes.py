@@ -1,4 +1,5 @@
-"""Colocated serving gives the same outputs; a KV layout mismatch is refused at start-up."""
+"""Colocated serving and layer-by-layer KV pushes give the same outputs; a KV layout mismatch is
+refused at start-up."""
 from __future__ import annotations
 
 import pytest
@@ -25,6 +26,20 @@ def test_colocated_mode_gives_the_same_greedy_outputs(demo_gguf_path, workload):
         assert [ids for ids, _, _ in results] == expected
         assert workers_idle(server.wait_for_baseline())
         assert server.backend.pools.prefill == []
+
+
+def test_layer_by_layer_kv_push_gives_the_same_greedy_outputs(demo_gguf_path, workload):  # noqa: F811
+    """The GPU push mode, forced on CPU: each layer's KV goes out as soon as the layer ran."""
+    prompts, max_tokens, expected = workload
+    config = ServeConfig(engine=engine_config(demo_gguf_path),
+                         pools=PoolConfig(mode="disaggregated", kv_push="layer"))
+    with EmbeddedCluster(config) as server:
+        assert server.backend.pools.prefill[0].info["push_granularity"] == "layer"
+        results = run_concurrently(server, prompts[:8], max_tokens[:8])
+        assert [ids for ids, _, _ in results] == expected[:8]
+        after = server.wait_for_baseline()
+        assert workers_idle(after)
+        assert after["decode"][0].transfer_chunks >= 30 * 8  # at least one push per layer per request
 
 
 @pytest.mark.parametrize("field,decode_overrides", [

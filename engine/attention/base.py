@@ -2,12 +2,14 @@
 
 Tokens of all scheduled requests are laid out flat, request after request; each request
 contributes `query_len` new tokens whose K/V are written into its paged blocks before
-attention runs. The KV cache of one layer is a tensor of shape
-(2, num_blocks, block_size, num_kv_heads, head_dim): index 0 holds K, index 1 holds V.
+attention runs. The KV cache of one layer is a strided view of shape
+(num_blocks, 2, block_size, num_kv_heads, head_dim) into the block-major cache of all layers:
+index 0 of dim 1 holds K, index 1 holds V.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,9 @@ class ForwardContext:
     metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]  # one (num_blocks, 2, block_size, kv_heads, head_dim) per layer
     backend: AttentionBackend
+    # Called with a layer's index once that layer has run, i.e. once this step's K/V of that
+    # layer are in the cache (a prefill worker pushes them while the next layers compute).
+    after_layer: Callable[[int], None] | None = None
 
     def attention(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

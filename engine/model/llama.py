@@ -179,8 +179,10 @@ class LlamaForCausalLM(nn.Module):
         (last token of each request) before the large vocabulary projection.
         """
         x = self.embed_tokens(input_ids)  # (T, hidden)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(x, positions, ctx)
+            if ctx.after_layer is not None:
+                ctx.after_layer(i)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""The prefill side's KV pusher on a tiny model, driven directly (no Ray), over a real shm link."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kv_transfer import KVLayout, create_receiver, create_sender
+from prefill_worker.pusher import KVPusher, resolve_granularity
+
+BLOCK_SIZE = 4
+
+
+@pytest.mark.parametrize("granularity", ["chunk", "layer"])
+def test_pushed_blocks_equal_the_prefill_cache(tiny_checkpoints, granularity):
+    """A 30-token prompt prefilled in chunks of 8 tokens; the decode side already caches the
+    first 2 blocks, so blocks 2..7 (the last one partial) must land, bit for bit."""
+    config = EngineConfig.from_options(tiny_checkpoints["llama3"], dtype="float32", device="cpu",
+                                       num_blocks=32, block_size=BLOCK_SIZE, max_num_batched_tokens=8)
+    engine = LLMEngine(config, None, False)
+    layout = KVLayout(**engine.kv_layout_fields())
+    receiver = create_receiver("shm", layout, num_blocks=40, timeout_s=20)
+    sender = create_sender("shm", layout)
+    sender.connect(receiver.endpoint)
+    pusher = KVPusher(sender, engine.runner.kv_cache, BLOCK_SIZE, engine.kv_manager.get_block_ids,
+                      granularity)
+    tables = []
+
+    def after_forward(scheduled):
+        tables.append(list(engine.kv_manager.get_block_ids("r")))
+        pusher.after_forward(scheduled)
+
+    engine.after_forward = after_forward
+    engine.after_layer = pusher.after_layer
+    try:
+        engine.add_request(list(range(3, 33)), SamplingParams(max_tokens=1), "r")
+        decode_blocks = random.Random(0).sample(range(40), 6)
+        ticket = receiver.issue_ticket("r", decode_blocks, 30, "lease-r", first_token=8)
+        pusher.track(ticket)
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert receiver.wait("r").name == "DONE"
+        prefill_blocks = tables[-1][2:]
+        assert len(tables) == 4 and len(prefill_blocks) == 6
+        assert torch.equal(receiver.kv_cache[decode_blocks], engine.runner.kv_cache[prefill_blocks])
+        sent = sender.snapshot()
+        # Steps 2-4 complete blocks past the cached prefix: one push each, or one per layer.
+        per_step = layout.num_layers if granularity == "layer" else 1
+        assert sent.chunks == 3 * per_step
+        assert receiver.snapshot().bytes == sent.bytes == 6 * layout.bytes_per_block
+    finally:
+        pusher.close()
+        sender.close()
+        receiver.close()
+
+
+def test_auto_granularity_follows_the_device():
+    assert resolve_granularity("auto", torch.device("cpu")) == "chunk"
+    assert resolve_granularity("auto", torch.device("cuda")) == "layer"
+    assert resolve_granularity("layer", torch.device("cpu")) == "layer"
+    with pytest.raises(ValueError, match="auto, chunk or layer"):
+        resolve_granularity("block", torch.device("cpu"))
