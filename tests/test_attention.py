@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionMetadata
-from engine.attention.torch_backend import TorchAttentionBackend
+from engine.attention.torch_backend import MAX_DECODE_GROUPS, TorchAttentionBackend, length_groups
 
 BLOCK_SIZE = 4
 HEAD_DIM = 8
@@ -135,3 +135,19 @@ def test_backend_choice():
         get_attention_backend("flash_attn", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_attention_backend("xformers", torch.device("cpu"))
+
+
+def test_length_groups_split_only_where_padding_costs_more_than_a_group():
+    assert length_groups([40, 41, 39, 42]) == [[2, 0, 1, 3]]  # similar lengths: one group
+    assert length_groups([300, 5, 290, 8, 6, 310], group_cost=0, max_groups=2) == [[1, 4, 3], [2, 0, 5]]
+    groups = length_groups([300, 5, 290, 8, 6, 310, 150, 160])
+    assert sorted(i for g in groups for i in g) == list(range(8)) and 1 < len(groups) <= MAX_DECODE_GROUPS
+    assert length_groups([7]) == [[0]]
+
+
+def test_decode_batch_split_into_length_groups_matches_dense_reference():
+    # Contexts from 3 to 200 tokens: the backend splits them into several groups.
+    cached = [2, 199, 150, 7, 180, 3, 90, 120]
+    assert len(length_groups([c + 1 for c in cached])) > 1
+    out, ref = run_step(cached=cached, new=[1] * len(cached), num_heads=6, kv_heads=2, seed=5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

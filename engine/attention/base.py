@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    # Per-step scratch a backend fills on the first layer and reuses for the others (e.g.
+    # index tensors derived from the fields above).
+    backend_cache: dict = field(default_factory=dict)
 
     @property
     def is_all_decode(self) -> bool:
