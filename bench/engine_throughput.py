@@ -14,6 +14,10 @@ last-level cache), with the thread count both engines use, measured two ways: a 
 streaming reduction) and a matrix-vector product through the same matmul call the engine's
 decode uses. The larger of the two is taken, so the floor is the higher (stricter) of the two.
 
+Rounds: the machine may be shared and its speed drifts, so the measurements run in rounds, each
+timing both engines back to back (this engine, then HF, for each figure); every figure is the
+median over the rounds, and each round's figures are kept in the JSON.
+
 Threads: unless --threads is given, the count is picked by timing a small decode-like probe
 (matmuls of a few rows plus elementwise ops) at each count up to the cores this process may use;
 a larger count is taken only when it is at least 1.3x faster, because on a machine shared with
@@ -185,7 +189,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="demo", help="demo, an HF model directory or a .gguf file")
     parser.add_argument("--dtype", default="float32", help="weights and KV dtype for both engines")
     parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens in the batch-1 runs")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per batch-1 figure (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per batch-1 figure within a round (median)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of all measurements, both engines back to back in each (median over rounds)")
     parser.add_argument("--num-requests", type=int, default=32, help="requests in the mixed workload")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed workload's lengths and tokens")
     parser.add_argument("--threads", type=int, default=0,
@@ -221,21 +227,32 @@ def main(argv=None) -> int:
     log(f"read bandwidth: sum {sum_bw:.1f} GB/s, matrix-vector {gemv_bw:.1f} GB/s; "
         f"weights {wbytes / 1e6:.0f} MB, floor {floor:.1f} tok/s")
 
-    log("batch-1 decode, this engine")
-    ours_b1 = ours_batch1(llm, prompt, args.decode_tokens, args.repeats)
     prompts, outputs = mixed_workload(args.num_requests, vocab, args.seed)
-    log(f"mixed workload, this engine ({args.num_requests} requests)")
-    ours_mix = ours_mixed(llm, prompts, outputs)
-
-    hf_b1 = hf_mix = None
+    hf = None
     if not args.skip_hf:
-        del llm
         log("loading the same weights into HF transformers")
         hf = load_hf(path, dtype)
-        log("batch-1 decode, HF transformers")
-        hf_b1 = hf_batch1(hf, prompt, args.decode_tokens, args.repeats)
-        log("mixed workload, HF transformers (one left-padded batch)")
-        hf_mix = hf_mixed(hf, prompts, outputs)
+    rounds = []
+    for r in range(args.rounds):
+        log(f"round {r + 1}/{args.rounds}: batch-1 decode, this engine")
+        figures = {"ours_batch1_tps": ours_batch1(llm, prompt, args.decode_tokens, args.repeats)}
+        if hf is not None:
+            log(f"round {r + 1}/{args.rounds}: batch-1 decode, HF transformers")
+            figures["hf_batch1_tps"] = hf_batch1(hf, prompt, args.decode_tokens, args.repeats)
+        log(f"round {r + 1}/{args.rounds}: mixed workload, this engine ({args.num_requests} requests)")
+        figures["ours_mixed_tps"] = ours_mixed(llm, prompts, outputs)
+        if hf is not None:
+            log(f"round {r + 1}/{args.rounds}: mixed workload, HF transformers (one left-padded batch)")
+            figures["hf_mixed_tps"] = hf_mixed(hf, prompts, outputs)
+        log("  " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+        rounds.append(figures)
+
+    def median_of(key: str) -> float | None:
+        values = [f[key] for f in rounds if key in f]
+        return statistics.median(values) if values else None
+
+    ours_b1, hf_b1 = median_of("ours_batch1_tps"), median_of("hf_batch1_tps")
+    ours_mix, hf_mix = median_of("ours_mixed_tps"), median_of("hf_mixed_tps")
 
     device = f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     result = {
@@ -247,6 +264,7 @@ def main(argv=None) -> int:
         "ours_batch1_tps": round(ours_b1, 2), "hf_batch1_tps": hf_b1 and round(hf_b1, 2),
         "floor_batch1_tps": round(floor, 2),
         "ours_mixed_tps": round(ours_mix, 1), "hf_mixed_tps": hf_mix and round(hf_mix, 1),
+        "rounds": [{k: round(v, 2) for k, v in f.items()} for f in rounds],
     }
     print_table(result)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
