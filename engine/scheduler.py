@@ -101,6 +101,7 @@ class Scheduler:
                 or not self._leaves_headroom()):
             self.kv_manager.free(request)  # roll back, and drop the lookup's per-request state
             return None
+        self.kv_manager.record_admission(request, computed)
         request.num_cached_tokens = computed.num_computed_tokens
         request.status = RequestStatus.WAITING_FOR_KV
         self.num_waiting_for_kv += 1
@@ -204,6 +205,7 @@ class Scheduler:
             if not self.kv_manager.allocate_slots(request, num_new, computed):
                 return
             self.waiting.popleft()
+            self.kv_manager.record_admission(request, computed)
             request.num_computed_tokens = computed.num_computed_tokens
             request.num_cached_tokens = computed.num_computed_tokens
             request.status = RequestStatus.RUNNING

@@ -26,6 +26,7 @@ def admit(manager: KVCacheManager, request: Request, num_new: int | None = None)
     if num_new is None:
         num_new = request.num_tokens - computed.num_computed_tokens
     assert manager.allocate_slots(request, num_new, computed)
+    manager.record_admission(request, computed)
     request.num_computed_tokens = computed.num_computed_tokens + num_new
     manager.cache_full_blocks(request, request.num_computed_tokens)
     return computed

@@ -218,3 +218,22 @@ def test_refused_reservation_leaves_no_stale_prefix_state():
     assert scheduler.reserve_for_transfer(make_request("r", 12, first_token=40)) == 0
     scheduler.abort_request("r")
     assert_all_blocks_free(scheduler)
+
+
+def test_prefix_cache_stats_count_each_admission_once():
+    """A queue head that cannot get blocks yet is looked up again every step; its lookup must
+    count once, when it is admitted, or the hit rate is skewed under memory pressure."""
+    scheduler = make_scheduler(num_blocks=5, budget=100, max_num_seqs=4)
+    scheduler.add_request(make_request("a", 12, max_tokens=5))
+    drain(scheduler)  # a's full prompt blocks are now cached
+    scheduler.add_request(make_request("b", 12, max_tokens=5, first_token=200))
+    c = make_request("c", 12, max_tokens=5)  # a's prompt again
+    scheduler.add_request(c)
+    run_step(scheduler)
+    assert [r.request_id for r in scheduler.waiting] == ["c"]  # no blocks left for c yet
+    run_step(scheduler)
+    drain(scheduler)
+    stats = scheduler.kv_manager.stats()
+    assert stats.queries == 3 * 12  # a, b and c admitted once each, none preempted
+    assert stats.hits == c.num_cached_tokens  # only c shares a prefix (b's prompt differs)
+    assert_all_blocks_free(scheduler)

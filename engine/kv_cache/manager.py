@@ -109,12 +109,19 @@ class KVCacheManager:
             if block is None:
                 break
             hit_ids.append(block.block_id)
-        num_hit_tokens = len(hit_ids) * self.block_size
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += num_hit_tokens
         if not hit_ids:
             return _NO_COMPUTED_BLOCKS
-        return ComputedBlocks(tuple(hit_ids), num_hit_tokens)
+        return ComputedBlocks(tuple(hit_ids), len(hit_ids) * self.block_size)
+
+    def record_admission(self, request: Request, computed: ComputedBlocks) -> None:
+        """Count a request's prefix-cache lookup in the stats, once, when it is admitted.
+
+        Lookups themselves are not counted: a queue head that cannot be admitted yet is looked
+        up again every step, which would inflate both counts.
+        """
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += computed.num_computed_tokens
 
     # --- per step -----------------------------------------------------------------------
     def allocate_slots(
