@@ -36,9 +36,11 @@ GRANULARITIES = ("chunk", "layer")
 
 
 def resolve_granularity(granularity: str, device: torch.device) -> str:
-    """"auto" is "layer" on CUDA and "chunk" elsewhere (a CPU step has no idle link to fill)."""
+    """"auto" is "chunk" on every device for now. Layer pushes only pay on a GPU once the sender
+    copies and sends on a stream of its own, ordered after each layer by an event; on the default
+    stream every per-layer push waits for (and stalls) the compute queued with it."""
     if granularity == "auto":
-        return "layer" if device.type == "cuda" else "chunk"
+        return "chunk"
     if granularity not in GRANULARITIES:
         raise ValueError(f"push granularity must be auto, chunk or layer, got {granularity!r}")
     return granularity
@@ -71,9 +73,10 @@ class KVPusher:
 
     def _ready(self, item: ScheduledRequest) -> tuple[PushState, int, int, bool] | None:
         """(state, begin, upto, finished): blocks [begin, upto) of the request's table are
-        complete after this step and not yet queued; None if the request is not pushed here."""
+        complete after this step and not yet queued; None if the request is not pushed here.
+        A failed state is returned too: it must still be ended when its prefill finishes."""
         state = self.states.get(item.request.request_id)
-        if state is None or state.failed:
+        if state is None:
             return None
         request = item.request
         computed = request.num_computed_tokens + item.num_new_tokens
@@ -87,7 +90,7 @@ class KVPusher:
             return
         for item in scheduled:
             ready = self._ready(item)
-            if ready is not None and ready[2] > ready[1]:
+            if ready is not None and not ready[0].failed and ready[2] > ready[1]:
                 state, begin, upto, _ = ready
                 table = self.block_table_of(item.request.request_id)
                 blocks = gather_blocks(self.kv_cache, table[begin:upto], layer)  # (n, 2, bs, kv_heads, hd)
@@ -99,21 +102,21 @@ class KVPusher:
             if ready is None:
                 continue
             state, begin, upto, finished = ready
-            if upto > begin:
+            if upto > begin and not state.failed:
                 if self.granularity == "chunk":
                     table = self.block_table_of(item.request.request_id)
                     blocks = gather_blocks(self.kv_cache, table[begin:upto])  # (n, layers, 2, bs, kv_heads, hd)
                     self._queue.put((state, blocks, state.num_queued, None))
                 state.num_queued += upto - begin  # in layer mode, every layer is queued by now
-            if finished:
+            if finished:  # done, or failed if a push failed: the receiver is told either way
                 self._queue.put((state, None, None, None))
                 del self.states[item.request.request_id]
 
     def abandon(self, request_id: str, reason: str) -> None:
         """The request was aborted before its KV was all sent: tell the receiver."""
         state = self.states.pop(request_id, None)
-        if state is not None and not state.failed:
-            state.failed = reason
+        if state is not None:
+            state.failed = state.failed or reason
             self._queue.put((state, None, None, None))
 
     def close(self) -> None:
@@ -136,7 +139,10 @@ class KVPusher:
                 else:
                     self.sender.send_done(state.ticket)
                     state.done.set()
-            except Exception as err:  # the receiver sees the failure too (closed link or timeout)
+            except Exception as err:
                 logger.warning("KV push for %s failed: %s", state.ticket.request_id, err)
-                state.failed = str(err)
-                state.done.set()
+                state.failed = state.failed or str(err)
+                if blocks is None:  # the final message itself failed: the link is gone
+                    state.done.set()
+                # Otherwise the request's final job (queued when its prefill finishes or is
+                # abandoned) reports the failure to the receiver, best effort.

@@ -10,6 +10,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_transfer import KVLayout, create_receiver, create_sender
+from kv_transfer.errors import TransferError
 from prefill_worker.pusher import KVPusher, resolve_granularity
 
 BLOCK_SIZE = 4
@@ -58,9 +59,50 @@ def test_pushed_blocks_equal_the_prefill_cache(tiny_checkpoints, granularity):
         receiver.close()
 
 
-def test_auto_granularity_follows_the_device():
+@pytest.mark.parametrize("granularity", ["chunk", "layer"])
+def test_a_failed_push_is_reported_to_the_receiver_when_the_prefill_ends(tiny_checkpoints, granularity):
+    """The first block push fails; the prefill goes on, and when it ends the receiver hears of
+    the failure at once (not by its lease running out) and nothing stays tracked."""
+    config = EngineConfig.from_options(tiny_checkpoints["llama3"], dtype="float32", device="cpu",
+                                       num_blocks=32, block_size=BLOCK_SIZE, max_num_batched_tokens=8)
+    engine = LLMEngine(config, None, False)
+    layout = KVLayout(**engine.kv_layout_fields())
+    receiver = create_receiver("shm", layout, num_blocks=40, timeout_s=20)
+    sender = create_sender("shm", layout)
+    sender.connect(receiver.endpoint)
+    real_send, calls = sender.send_blocks, []
+
+    def send_blocks(*args, **kwargs):
+        calls.append(kwargs.get("start"))
+        if len(calls) == 1:
+            raise ConnectionError("link dropped")
+        return real_send(*args, **kwargs)
+    sender.send_blocks = send_blocks
+    pusher = KVPusher(sender, engine.runner.kv_cache, BLOCK_SIZE, engine.kv_manager.get_block_ids,
+                      granularity)
+    engine.after_forward = pusher.after_forward
+    engine.after_layer = pusher.after_layer
+    try:
+        engine.add_request(list(range(3, 33)), SamplingParams(max_tokens=1), "r")
+        state = pusher.track(receiver.issue_ticket("r", list(range(8)), 30, "lease-r", first_token=0))
+        while engine.has_unfinished_requests():
+            engine.step()
+        with pytest.raises(TransferError, match="link dropped"):
+            receiver.wait("r")
+        assert state.done.wait(5) and "link dropped" in state.failed
+        assert calls == [0]  # nothing more was pushed for a request whose push failed
+        assert pusher.states == {}
+    finally:
+        pusher.close()
+        sender.close()
+        receiver.close()
+
+
+def test_auto_granularity_is_chunk():
+    """Per-layer pushes stall a GPU's default stream; "auto" sends by chunk until the sender has
+    a stream of its own (see resolve_granularity)."""
     assert resolve_granularity("auto", torch.device("cpu")) == "chunk"
-    assert resolve_granularity("auto", torch.device("cuda")) == "layer"
+    assert resolve_granularity("auto", torch.device("cuda")) == "chunk"
     assert resolve_granularity("layer", torch.device("cpu")) == "layer"
     with pytest.raises(ValueError, match="auto, chunk or layer"):
         resolve_granularity("block", torch.device("cpu"))
