@@ -64,7 +64,7 @@ class LLMEngine:
         if kv_cache_factory is not None:
             kv_cache = kv_cache_factory(self.kv_shape, self.loaded.name)
         self.runner = ModelRunner(self.loaded.model, self.kv_shape, self.device,
-                                  config.attention_backend, kv_cache)
+                                  config.attention_backend, kv_cache, config.decode_kernel)
         self.kv_manager = KVCacheManager(
             self.kv_shape.num_blocks, self.kv_shape.block_size, config.cache.enable_prefix_caching
         )

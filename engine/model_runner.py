@@ -8,6 +8,7 @@ writes. Workers of the disaggregated path move blocks of this same tensor.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +17,13 @@ import torch
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionMetadata, ForwardContext
 from engine.model.config import ModelArchConfig
+from engine.native import MAX_NATIVE_ROWS, CpuDecodeStep, NativeBuildError, unsupported_reason
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledRequest
+
+logger = logging.getLogger(__name__)
+
+DECODE_KERNELS = ("auto", "native", "torch")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class ModelRunner:
         device: torch.device,
         attention_backend: str = "auto",
         kv_cache: torch.Tensor | None = None,
+        decode_kernel: str = "auto",
     ) -> None:
         self.model = model
         self.kv_shape = kv_shape
@@ -73,6 +80,26 @@ class ModelRunner:
         # A tensor handed in (shared memory a KV receiver writes into) is used in place.
         self.kv_cache = kv_cache
         self.kv_caches = list(self.kv_cache.unbind(1))  # per layer: (blocks, 2, bs, kv_heads, hd)
+        self.native_decode = self._native_decode_step(decode_kernel)
+        if self.native_decode is None:
+            model.use_column_major_weights()
+
+    def _native_decode_step(self, decode_kernel: str) -> CpuDecodeStep | None:
+        """The native CPU decode step (engine.native) when `decode_kernel` asks for it and it can
+        run here: "native" insists (an error says why not), "auto" falls back to torch ops."""
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernel {decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}")
+        if decode_kernel == "torch":
+            return None
+        if decode_kernel == "auto" and unsupported_reason(self.model, self.kv_cache) is not None:
+            return None  # not a float32 CPU model: nothing to warn about
+        try:
+            return CpuDecodeStep.create(self.model, self.kv_cache)
+        except NativeBuildError as err:
+            if decode_kernel == "native":
+                raise
+            logger.warning("decoding with torch ops: %s", err)
+            return None
 
     @torch.inference_mode()
     def execute(
@@ -80,19 +107,28 @@ class ModelRunner:
         after_layer: Callable[[int], None] | None = None,
     ) -> StepResult:
         input_ids, positions, metadata = self.prepare_inputs(scheduled, block_tables)
-        ctx = ForwardContext(metadata, self.kv_caches, self.backend, after_layer)
-        hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
         rows = [i for i, s in enumerate(scheduled) if s.samples]
+        if self._runs_natively(metadata, after_layer):
+            # (num_reqs, vocab); a one-token prefill chunk that does not end its prompt samples nothing
+            logits = self.native_decode(input_ids, metadata.block_table, metadata.seq_lens, self.kv_cache)[rows]
+        else:
+            ctx = ForwardContext(metadata, self.kv_caches, self.backend, after_layer)
+            hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
+            last_token_index = [metadata.query_start_loc_cpu[i + 1] - 1 for i in rows]
+            index = torch.tensor(last_token_index, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index)) if rows else None  # (rows, vocab)
         if not rows:
             return StepResult({})
-        last_token_index = [metadata.query_start_loc_cpu[i + 1] - 1 for i in rows]
-        index = torch.tensor(last_token_index, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, index))  # (rows, vocab)
         requests = [scheduled[i].request for i in rows]
         out = self.sampler(logits, requests)
         return StepResult({
             r.request_id: (tok, lp) for r, tok, lp in zip(requests, out.token_ids, out.logprobs)
         })
+
+    def _runs_natively(self, metadata: AttentionMetadata, after_layer: Callable[[int], None] | None) -> bool:
+        """Steps of one new token per request, for few requests, and without per-layer hooks."""
+        return (self.native_decode is not None and metadata.is_all_decode and after_layer is None
+                and metadata.num_reqs <= MAX_NATIVE_ROWS)
 
     def prepare_inputs(
         self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]

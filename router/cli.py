@@ -44,6 +44,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="longest prompt + output in tokens (default: the model's context length)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flash_attn"],
                    help="attention kernels; auto picks flash_attn on CUDA when installed")
+    g.add_argument("--decode-kernel", default="auto", choices=["auto", "native", "torch"],
+                   help="how CPU decode steps of a few requests run: native (one compiled call per "
+                        "step, built once with the machine's C compiler), torch (torch ops), or auto "
+                        "(native when it builds, else torch; the default)")
 
 
 def sampling_params_from_args(args: argparse.Namespace):
@@ -62,7 +66,7 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
     return dict(
         dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, decode_kernel=args.decode_kernel,
     )
 
 
@@ -146,7 +150,8 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--kv-push", default="auto", choices=["auto", "chunk", "layer"],
                    help="when the prefill worker sends KV: after each chunk of the prompt (all layers "
                         "at once) or after each layer, overlapping the transfer with the next layers' "
-                        "compute (default auto: layer on GPU, chunk on CPU)")
+                        "compute (default auto: chunk, on every device for now: a per-layer push "
+                        "waits for the compute queued before it on the GPU's default stream)")
     g.add_argument("--lease-ttl", type=float, default=30.0,
                    help="seconds a decode worker holds blocks for KV that does not arrive (default 30)")
     g.add_argument("--torch-threads", type=int, default=None,

@@ -216,31 +216,35 @@ class LlamaForCausalLM(nn.Module):
         self._lay_out_for_device()
 
     def _lay_out_for_device(self) -> None:
-        """On the CPU, prepare each projection for both batch regimes (see packed_linear).
-
-        The weight itself becomes column-major: same (out, in) shape and values, but `in` is the
-        slow axis, i.e. the memory of a contiguous (in, out) matrix; BLAS streams it about twice
-        as fast as a row-major one for 1-2 rows. Beside it sits oneDNN's packed copy for 3 rows
-        and more. The tied LM head gets its own copies, as the embedding lookup keeps the
-        row-major table. This trades memory (about twice the weights) for decode speed, and
-        must run again if the weights change. On CUDA, nothing changes.
-        """
+        """On the CPU, give each projection oneDNN's packed copy for batches of 3 rows and more
+        (see packed_linear), beside the row-major weight that the native decode step streams.
+        This trades memory (about twice the weights) for speed, and must run again if the
+        weights change. On CUDA, nothing changes."""
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self._head_weight = head.detach()  # a plain tensor: assigning a Parameter would register it
         if head.device.type != "cpu":
-            self._head_weight = head
             return
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.pack()
+            self._head_packed = self.lm_head.packed if self.lm_head is not None else pack_weight_for_cpu(head)
+
+    def use_column_major_weights(self) -> None:
+        """For decode through torch ops on the CPU (no native step): each projection's weight
+        becomes column-major, the same (out, in) shape and values with `in` as the slow axis,
+        because BLAS streams such a weight about twice as fast as a row-major one for 1-2 rows.
+        A tied LM head gets its own copy, as the embedding lookup keeps the row-major table."""
+        if self._head_weight is None or self._head_weight.device.type != "cpu":
+            return
+        with torch.no_grad():
+            for module in self.modules():
                 if isinstance(module, nn.Linear):
                     module.weight.data = module.weight.data.t().contiguous().t()
-            if self.lm_head is not None:
-                self._head_weight, self._head_packed = self.lm_head.weight, self.lm_head.packed
+            if self.lm_head is None:
+                self._head_weight = self.embed_tokens.weight.t().contiguous().t()
             else:
-                head = self.embed_tokens.weight
-                self._head_weight = head.t().contiguous().t()
-                self._head_packed = pack_weight_for_cpu(head)
+                self._head_weight = self.lm_head.weight.detach()
 
     def _map_hf_name(self, hf_name: str) -> tuple[str, slice | None] | None:
         """HF parameter name -> (our parameter name, row slice within it) or None to skip."""

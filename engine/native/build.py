@@ -1,0 +1,88 @@
+"""Compiles the native kernels with the machine's C compiler, once, and loads them.
+
+The library is built with `-march=native` for the CPU it runs on, so it is compiled where it is
+used and cached under the user cache directory, keyed by the source, the flags, the compiler and
+the CPU's feature flags; a second process (another worker, the next run) loads the cached file.
+Builds are written to a temporary name and renamed, so workers starting together never load a
+half-written library.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_step.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded here."""
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+def find_compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise NativeBuildError("no C compiler found (set CC, or install gcc)")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def library_path(compiler: str) -> Path:
+    from engine.loader import cache_dir
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join(
+        [SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]
+    )).hexdigest()[:16]
+    return Path(cache_dir()) / "kernels" / f"{SOURCE.stem}-{key}.so"
+
+
+def compile_library(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    command = [compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"]
+    logger.info("compiling the native decode kernels: %s", " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise NativeBuildError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+    os.replace(partial, target)
+
+
+def load_library() -> ctypes.CDLL:
+    """The compiled kernels, built on first use; raises NativeBuildError when that fails.
+
+    Load it after torch: the library links the OpenMP runtime by its soname, so it shares the
+    copy torch already loaded (one thread pool, not two competing for the cores).
+    """
+    global _library
+    with _lock:
+        if _library is None:
+            compiler = find_compiler()
+            path = library_path(compiler)
+            if not path.exists():
+                compile_library(compiler, path)
+            try:
+                _library = ctypes.CDLL(str(path))
+            except OSError as err:
+                raise NativeBuildError(f"loading {path} failed: {err}") from err
+        return _library

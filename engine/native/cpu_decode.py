@@ -1,0 +1,154 @@
+"""The native decode step (decode_step.c) bound to one loaded model and its KV cache.
+
+`CpuDecodeStep.create(model, kv_cache)` gathers pointers to every weight once; each call then
+runs one decode step (one new token for each of a few requests) in a single native call and
+returns the logits. The model's tensors are kept referenced here, so the pointers stay valid for
+as long as this object lives.
+"""
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+from engine.model.llama import LlamaForCausalLM
+from engine.native.build import NativeBuildError, load_library
+
+_f32p = ctypes.POINTER(ctypes.c_float)
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_i64p = ctypes.POINTER(ctypes.c_int64)
+
+# Decode steps of up to this many requests run natively. Measured on a 2-core AVX2 machine with
+# the demo model, the native step beat torch ops (oneDNN matmuls, gathered-block attention) at
+# every batch size up to 64, by 1.5-1.9x; beyond that oneDNN's blocked matmul may win on
+# wider machines, and it is left to torch ops.
+MAX_NATIVE_ROWS = 64
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _f32p) for name in (
+        "input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "down")]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *[(name, ctypes.c_int32) for name in (
+            "num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate",
+            "vocab", "block_size", "max_positions")],
+        ("num_blocks", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        *[(name, _f32p) for name in ("embed", "final_norm", "lm_head", "rope")],
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+MAX_BLOCK_SIZE = 64  # an attention task's positions, one block (see decode_step.c)
+
+_ERRORS = {1: "a block id outside the KV cache",
+           2: "a context length beyond its block table or the model's positions",
+           3: "out of memory for the step's scratch buffers", 4: "a token id outside the vocabulary"}
+
+
+def unsupported_reason(model: LlamaForCausalLM, kv_cache: torch.Tensor) -> str | None:
+    """Why the native step cannot run this model and cache, or None when it can."""
+    if kv_cache.device.type != "cpu":
+        return f"it runs on the CPU, the KV cache is on {kv_cache.device}"
+    if kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous():
+        return "it needs a contiguous float32 KV cache"
+    if kv_cache.shape[3] > MAX_BLOCK_SIZE:
+        return f"it handles blocks of up to {MAX_BLOCK_SIZE} tokens, the cache has {kv_cache.shape[3]}"
+    bad = [name for name, p in model.named_parameters() if p.dtype != torch.float32]
+    if bad:
+        return f"it needs float32 weights ({bad[0]} is {model.get_parameter(bad[0]).dtype})"
+    return None
+
+
+class CpuDecodeStep:
+    def __init__(self, library: ctypes.CDLL, struct: _Model, keep_alive: list,
+                 weights: list[torch.Tensor], vocab: int) -> None:
+        self.library = library
+        self.struct = struct
+        self._keep_alive = keep_alive  # every tensor and ctypes array the struct points into
+        self.weights = weights  # what a step reads in full, in the order it reads them
+        self.vocab = vocab
+
+    @classmethod
+    def create(cls, model: LlamaForCausalLM, kv_cache: torch.Tensor) -> "CpuDecodeStep":
+        """Raises NativeBuildError when the kernels cannot be built or cannot run this model."""
+        reason = unsupported_reason(model, kv_cache)
+        if reason is not None:
+            raise NativeBuildError(f"the native decode step cannot run here: {reason}")
+        library = load_library()
+        library.pd_decode_step.restype = ctypes.c_int
+        library.pd_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, _i64p, _i32p,
+                                           ctypes.c_int, _i32p, _f32p, _f32p, ctypes.c_int]
+        keep: list = []
+        weights: list[torch.Tensor] = []
+
+        def ptr(tensor: torch.Tensor | None, streamed: bool = True):
+            if tensor is None:
+                return None
+            tensor = tensor.detach().contiguous()  # row-major; a no-op for the model's weights
+            (weights if streamed else keep).append(tensor)
+            return ctypes.cast(tensor.data_ptr(), _f32p)
+
+        cfg = model.config
+        layers = (_Layer * cfg.num_layers)()
+        for layer, module in zip(layers, model.layers):
+            attn, mlp = module.self_attn, module.mlp
+            layer.input_norm = ptr(module.input_layernorm.weight)
+            layer.qkv = ptr(attn.qkv_proj.weight)
+            layer.qkv_bias = ptr(attn.qkv_proj.bias)
+            layer.q_norm = ptr(attn.q_norm.weight if attn.q_norm is not None else None)
+            layer.k_norm = ptr(attn.k_norm.weight if attn.k_norm is not None else None)
+            layer.o = ptr(attn.o_proj.weight)
+            layer.post_norm = ptr(module.post_attention_layernorm.weight)
+            layer.gate_up = ptr(mlp.gate_up_proj.weight)
+            layer.down = ptr(mlp.down_proj.weight)
+        keep.append(layers)
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        rope = model.rope.table(torch.device("cpu"), torch.float32)  # (max_positions, 2, head_dim)
+        final_norm, lm_head = ptr(model.norm.weight), ptr(head)
+        embed = ptr(model.embed_tokens.weight, streamed=False)  # one row per request is read
+        struct = _Model(
+            num_layers=cfg.num_layers, hidden=cfg.hidden_size, num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
+            block_size=kv_cache.shape[3], max_positions=rope.shape[0],
+            num_blocks=kv_cache.shape[0], eps=cfg.rms_norm_eps,
+            embed=embed, final_norm=final_norm, lm_head=lm_head, rope=ptr(rope, streamed=False),
+            layers=layers,
+        )
+        return cls(library, struct, keep + weights, weights, cfg.vocab_size)
+
+    def __call__(self, input_ids: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                 kv_cache: torch.Tensor) -> torch.Tensor:
+        """input_ids (n,) int64, block_table (n, max_blocks) int32, seq_lens (n,) int32 (the new
+        token included) -> logits (n, vocab) float32. Writes the new tokens' K/V into kv_cache."""
+        num_reqs, max_blocks = block_table.shape
+        logits = torch.empty((num_reqs, self.vocab), dtype=torch.float32)
+        status = self.library.pd_decode_step(
+            ctypes.byref(self.struct), num_reqs,
+            ctypes.cast(input_ids.data_ptr(), _i64p), ctypes.cast(block_table.data_ptr(), _i32p),
+            max_blocks, ctypes.cast(seq_lens.data_ptr(), _i32p),
+            ctypes.cast(kv_cache.data_ptr(), _f32p), ctypes.cast(logits.data_ptr(), _f32p),
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise RuntimeError(f"native decode step refused its inputs: {_ERRORS.get(status, status)}")
+        return logits
+
+
+def stream_sum(buffers: Sequence[torch.Tensor]) -> float:
+    """Sum of contiguous float32 CPU tensors, read with the native step's streaming loads and
+    thread split (the benchmark's bandwidth probe for the native path)."""
+    for buffer in buffers:
+        if buffer.dtype != torch.float32 or not buffer.is_contiguous() or buffer.device.type != "cpu":
+            raise ValueError("stream_sum needs contiguous float32 CPU tensors")
+    library = load_library()
+    library.pd_stream_sum.restype = ctypes.c_double
+    library.pd_stream_sum.argtypes = [ctypes.POINTER(_f32p), _i64p, ctypes.c_int, ctypes.c_int]
+    pointers = (_f32p * len(buffers))(*(ctypes.cast(b.data_ptr(), _f32p) for b in buffers))
+    counts = (ctypes.c_int64 * len(buffers))(*(b.numel() for b in buffers))
+    return library.pd_stream_sum(pointers, counts, len(buffers), torch.get_num_threads())

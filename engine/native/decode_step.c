@@ -1,0 +1,564 @@
+/* One decode step of a Llama-family model on the CPU, in float32, for a few requests at once.
+ *
+ * A decode step with few requests reads every weight once and does about two FLOPs per weight
+ * and request: it is bound by memory bandwidth. Built from ~20 torch ops per layer, such a step
+ * spends about as long dispatching ops as reading weights, and BLAS's matrix-vector path streams
+ * weights well below what the memory delivers. Here the whole step (embedding lookup, every
+ * layer, final norm, LM head) runs inside one OpenMP parallel region. Each projection is split
+ * by output rows across the threads, so a thread streams one contiguous slice of every
+ * row-major weight; threads meet at a barrier only where a stage needs the complete output of
+ * the one before.
+ *
+ * Layouts (float32, C-contiguous):
+ *   weights      (out, in), row-major; QKV rows are [Q | K | V], gate/up rows are [gate | up]
+ *   kv_cache     (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim); 0 = K, 1 = V
+ *   rope         (max_positions, 2, head_dim): cos then sin, each frequency twice ("rotate half")
+ *   block_table  (num_reqs, max_blocks) int32; seq_lens (num_reqs,) int32, this token included
+ *   logits       (num_reqs, vocab)
+ */
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const float *input_norm; /* (hidden) */
+    const float *qkv;        /* (q_size + 2 * kv_size, hidden) */
+    const float *qkv_bias;   /* (q_size + 2 * kv_size) or NULL */
+    const float *q_norm;     /* (head_dim) or NULL: Qwen3's per-head RMSNorm */
+    const float *k_norm;     /* (head_dim) or NULL */
+    const float *o;          /* (hidden, q_size) */
+    const float *post_norm;  /* (hidden) */
+    const float *gate_up;    /* (2 * intermediate, hidden) */
+    const float *down;       /* (hidden, intermediate) */
+} pd_layer;
+
+typedef struct {
+    int32_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab;
+    int32_t block_size, max_positions;
+    int64_t num_blocks;
+    float eps;
+    const float *embed;      /* (vocab, hidden) */
+    const float *final_norm; /* (hidden) */
+    const float *lm_head;    /* (vocab, hidden); the embedding when tied */
+    const float *rope;       /* (max_positions, 2, head_dim) */
+    const pd_layer *layers;  /* (num_layers) */
+} pd_model;
+
+enum { PD_OK = 0, PD_BAD_BLOCK = 1, PD_BAD_LENGTH = 2, PD_NO_MEMORY = 3, PD_BAD_TOKEN = 4 };
+
+/* ---- dot products: weights stream from memory, the (few) input rows stay in L1 ---------- */
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* out[r] = dot(w + r * ldw, x) over `in` floats, r < 4: four rows at once, each vector of x
+ * loaded once. */
+static inline void dot4(const float *w, size_t ldw, int in, const float *x, float out[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int c = 0;
+    for (; c + 8 <= in; c += 8) {
+        __m256 xv = _mm256_loadu_ps(x + c);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + ldw + c), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * ldw + c), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * ldw + c), xv, a3);
+    }
+    out[0] = hsum8(a0), out[1] = hsum8(a1), out[2] = hsum8(a2), out[3] = hsum8(a3);
+    for (; c < in; c++) {
+        for (int r = 0; r < 4; r++) out[r] += w[r * ldw + c] * x[c];
+    }
+}
+
+/* out[r][i] = dot(w + r * ldw, x + i * ldx) over `in` floats, r < 4, i < 3: the register block
+ * for several inputs at once, twelve accumulators fed by four row and three input loads. */
+static inline void dot4x3(const float *w, size_t ldw, int in, const float *x, int ldx, float out[4][3]) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = acc[r][2] = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 8 <= in; c += 8) {
+        __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + ldx + c);
+        __m256 x2 = _mm256_loadu_ps(x + 2 * ldx + c);
+        for (int r = 0; r < 4; r++) {
+            __m256 wv = _mm256_loadu_ps(w + r * ldw + c);
+            acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(wv, x2, acc[r][2]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        for (int i = 0; i < 3; i++) {
+            float sum = hsum8(acc[r][i]);
+            for (int t = c; t < in; t++) sum += w[r * ldw + t] * x[i * ldx + t];
+            out[r][i] = sum;
+        }
+    }
+}
+
+static inline float dot1(const float *w, const float *x, int in) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int c = 0;
+    for (; c + 16 <= in; c += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 8), _mm256_loadu_ps(x + c + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; c < in; c++) s += w[c] * x[c];
+    return s;
+}
+#else
+static inline float dot1(const float *w, const float *x, int in) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int c = 0; c < in; c++) s += w[c] * x[c];
+    return s;
+}
+
+static inline void dot4(const float *w, size_t ldw, int in, const float *x, float out[4]) {
+    for (int r = 0; r < 4; r++) out[r] = dot1(w + r * ldw, x, in);
+}
+
+static inline void dot4x3(const float *w, size_t ldw, int in, const float *x, int ldx, float out[4][3]) {
+    for (int r = 0; r < 4; r++) {
+        for (int i = 0; i < 3; i++) out[r][i] = dot1(w + r * ldw, x + (size_t)i * ldx, in);
+    }
+}
+#endif
+
+/* x[p] = exp(x[p] - shift) for p < n; returns their sum. */
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp by 2^k * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r: within 2 ulp of expf
+ * over the softmax range (arguments <= 0), at a fraction of its cost. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+static float exp_shifted(float *x, int n, float shift) {
+    __m256 total = _mm256_setzero_ps(), s = _mm256_set1_ps(shift);
+    int p = 0;
+    for (; p + 8 <= n; p += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + p), s));
+        _mm256_storeu_ps(x + p, e);
+        total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum8(total);
+    for (; p < n; p++) sum += x[p] = expf(x[p] - shift);
+    return sum;
+}
+#else
+static float exp_shifted(float *x, int n, float shift) {
+    float sum = 0.0f;
+    for (int p = 0; p < n; p++) sum += x[p] = expf(x[p] - shift);
+    return sum;
+}
+#endif
+
+/* out[j * ldo + c] = sum over p < count of w[j * ldw + p] * v[p * ldv + c], for c < dim and
+ * j < heads (1 to 3): the softmax-weighted sum of value rows for the query heads that share
+ * them, each value vector loaded once for all of those heads. */
+static void weighted_rows(const float *v, size_t ldv, const float *w, int ldw, int heads, int count,
+                          int dim, float *out, int ldo) {
+    int c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; c + 32 <= dim; c += 32) { /* 32 columns of up to 3 heads stay in registers */
+        __m256 acc[3][4];
+        for (int j = 0; j < 3; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = _mm256_setzero_ps();
+        for (int p = 0; p < count; p++) {
+            const float *row = v + p * ldv + c;
+            __m256 r0 = _mm256_loadu_ps(row), r1 = _mm256_loadu_ps(row + 8);
+            __m256 r2 = _mm256_loadu_ps(row + 16), r3 = _mm256_loadu_ps(row + 24);
+            for (int j = 0; j < heads; j++) {
+                __m256 wp = _mm256_set1_ps(w[j * ldw + p]);
+                acc[j][0] = _mm256_fmadd_ps(wp, r0, acc[j][0]);
+                acc[j][1] = _mm256_fmadd_ps(wp, r1, acc[j][1]);
+                acc[j][2] = _mm256_fmadd_ps(wp, r2, acc[j][2]);
+                acc[j][3] = _mm256_fmadd_ps(wp, r3, acc[j][3]);
+            }
+        }
+        for (int j = 0; j < heads; j++) {
+            for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + j * ldo + c + 8 * k, acc[j][k]);
+        }
+    }
+#endif
+    for (; c < dim; c++) {
+        for (int j = 0; j < heads; j++) {
+            float sum = 0.0f;
+            for (int p = 0; p < count; p++) sum += w[j * ldw + p] * v[p * ldv + c];
+            out[j * ldo + c] = sum;
+        }
+    }
+}
+
+/* y[i * ldy + r] (+)= dot(W[r], x[i * ldx]) + bias[r] for rows r in [r0, r1) and inputs i < n.
+ * Four weight rows (a few KB) are read from memory once and reused from L1 for every input. */
+static inline void store_row_results(float *y, int ldy, int i, int r, int count, const float *d,
+                                     const float *bias, int accumulate) {
+    float *out = y + (size_t)i * ldy + r;
+    for (int k = 0; k < count; k++) {
+        float v = d[k] + (bias ? bias[r + k] : 0.0f);
+        out[k] = accumulate ? out[k] + v : v;
+    }
+}
+
+/* y[i * ldy + r] (+)= dot(W[r], x[i * ldx]) + bias[r] for rows r in [r0, r1) and inputs i < n.
+ * Four weight rows (a few KB) are read from memory once and reused from L1 for every input,
+ * three inputs at a time. */
+static void matvec_rows(const float *W, int in, int r0, int r1, const float *x, int ldx, int n,
+                        const float *bias, float *y, int ldy, int accumulate) {
+    float d4[4], d43[4][3];
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w = W + (size_t)r * in;
+        int i = 0;
+        for (; i + 3 <= n; i += 3) {
+            dot4x3(w, in, in, x + (size_t)i * ldx, ldx, d43);
+            for (int k = 0; k < 3; k++) {
+                float column[4] = {d43[0][k], d43[1][k], d43[2][k], d43[3][k]};
+                store_row_results(y, ldy, i + k, r, 4, column, bias, accumulate);
+            }
+        }
+        for (; i < n; i++) {
+            dot4(w, in, in, x + (size_t)i * ldx, d4);
+            store_row_results(y, ldy, i, r, 4, d4, bias, accumulate);
+        }
+    }
+    for (; r < r1; r++) {
+        for (int i = 0; i < n; i++) {
+            float v = dot1(W + (size_t)r * in, x + (size_t)i * ldx, in);
+            store_row_results(y, ldy, i, r, 1, &v, bias, accumulate);
+        }
+    }
+}
+
+/* This thread's share [*r0, *r1) of `rows`: one contiguous slice per thread, so each thread
+ * streams its part of a weight front to back (handing out small chunks to whichever thread is
+ * free measured slower: the hardware prefetchers lose their streams at every chunk). Slices
+ * are multiples of 4 rows, so dot4 covers all but the very end. */
+static void thread_rows(int rows, int *r0, int *r1) {
+    int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    int quads = (rows + 3) / 4, per = quads / nt, extra = quads % nt;
+    int begin = 4 * (id * per + (id < extra ? id : extra)), end = begin + 4 * (per + (id < extra));
+    *r0 = begin < rows ? begin : rows;
+    *r1 = end < rows ? end : rows;
+}
+
+/* y (+)= W x for rows [0, rows), split across the team; no barrier at the end. */
+static void matvec_shared(const float *W, int in, int rows, const float *x, int ldx, int n,
+                          const float *bias, float *y, int ldy, int accumulate) {
+    int r0, r1;
+    thread_rows(rows, &r0, &r1);
+    matvec_rows(W, in, r0, r1, x, ldx, n, bias, y, ldy, accumulate);
+}
+
+/* ---- small per-row operations -------------------------------------------------------- */
+
+static void rms_norm(const float *x, const float *weight, int dim, float eps, float *out) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int c = 0; c < dim; c++) ss += x[c] * x[c];
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int c = 0; c < dim; c++) out[c] = x[c] * inv * weight[c];
+}
+
+/* Every thread normalises all n rows into its own buffer: cheaper than a barrier. */
+static void rms_norm_rows(const float *x, const float *weight, int n, int dim, float eps, float *out) {
+    for (int i = 0; i < n; i++) rms_norm(x + (size_t)i * dim, weight, dim, eps, out + (size_t)i * dim);
+}
+
+/* x' = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[half:], x[:half]]. */
+static void apply_rope(float *x, const float *cos_sin, int head_dim) {
+    int half = head_dim / 2;
+    const float *cos = cos_sin, *sin = cos_sin + head_dim;
+    for (int c = 0; c < half; c++) {
+        float a = x[c], b = x[c + half];
+        x[c] = a * cos[c] - b * sin[c];
+        x[c + half] = b * cos[c + half] + a * sin[c + half];
+    }
+}
+
+/* ---- the step -------------------------------------------------------------------------- */
+
+typedef struct {
+    float *x;        /* (n, hidden): the residual stream */
+    float *normed;   /* (threads, n, hidden): each thread's normalised copy of x */
+    float *qkv;      /* (n, qkv_out); q and k normed and rotated in place before attention */
+    float *attn;     /* (n, q_size): the merged attention output */
+    float *gate_up;  /* (n, 2 * intermediate) */
+    float *act;      /* (n, intermediate) */
+    float *partials; /* (tasks, heads, head_dim + 2): a task's unnormalised output, max, sum */
+    float *scratch;  /* (threads, heads * block_size): a task's scores */
+} buffers;
+
+/* Attention runs as one task per request and KV block: each task reads its block's keys and
+ * values of this layer, one contiguous stretch each, for every head, and keeps its own softmax
+ * max and sum; the partial results are merged afterwards (as flash-decoding does). Tasks give
+ * every thread a share even for one request. */
+typedef struct {
+    int n, max_blocks, num_tasks;
+    const int32_t *block_table, *seq_lens;
+    const int32_t *task_start; /* (n + 1): request i's tasks are [task_start[i], task_start[i+1]) */
+    float *kv_cache;
+} step_inputs;
+
+/* Offsets into the KV cache (num_blocks, layers, 2, block_size, kv_heads, head_dim). */
+typedef struct {
+    size_t token, half, block; /* one position, K to V, one block */
+} kv_strides;
+
+static kv_strides strides_of(const pd_model *m) {
+    kv_strides st;
+    st.token = (size_t)m->num_kv_heads * m->head_dim;
+    st.half = (size_t)m->block_size * st.token;
+    st.block = (size_t)m->num_layers * 2 * st.half;
+    return st;
+}
+
+/* q and k of every request get Qwen3's per-head norm (when the model has one) and rope, in
+ * place; this step's K and V go into the cache, where attention reads them with the rest. */
+static void rotate_and_store(const pd_model *m, const pd_layer *L, int layer, const step_inputs *in,
+                             float *qkv) {
+    const int H = m->num_heads, KVH = m->num_kv_heads, hd = m->head_dim, bs = m->block_size;
+    const kv_strides st = strides_of(m);
+#pragma omp for schedule(static) /* implicit barrier: attention reads every head */
+    for (int item = 0; item < in->n * (H + KVH); item++) {
+        const int i = item / (H + KVH), head = item % (H + KVH), pos = in->seq_lens[i] - 1;
+        float *vec = qkv + (size_t)i * (H + 2 * KVH) * hd + (size_t)head * hd;
+        const float *norm = head < H ? L->q_norm : L->k_norm;
+        if (norm) rms_norm(vec, norm, hd, m->eps, vec);
+        apply_rope(vec, m->rope + (size_t)pos * 2 * hd, hd);
+        if (head >= H) {
+            const int32_t block = in->block_table[(size_t)i * in->max_blocks + pos / bs];
+            float *slot = in->kv_cache + block * st.block + (size_t)layer * 2 * st.half
+                          + (size_t)(pos % bs) * st.token + (size_t)(head - H) * hd;
+            memcpy(slot, vec, sizeof(float) * hd);
+            memcpy(slot + st.half, vec + (size_t)KVH * hd, sizeof(float) * hd); /* V follows K */
+        }
+    }
+}
+
+/* Task t: request i's positions in its block b, for every head. */
+static void attention_task(const pd_model *m, int layer, int t, const step_inputs *in, buffers *b) {
+    const int H = m->num_heads, KVH = m->num_kv_heads, hd = m->head_dim, bs = m->block_size;
+    const int G = H / KVH;
+    int i = 0;
+    while (t >= in->task_start[i + 1]) i++;
+    const int blk = t - in->task_start[i], seq_len = in->seq_lens[i];
+    const int count = seq_len - blk * bs < bs ? seq_len - blk * bs : bs;
+    const kv_strides st = strides_of(m);
+    const float *keys = in->kv_cache + in->block_table[(size_t)i * in->max_blocks + blk] * st.block
+                        + (size_t)layer * 2 * st.half; /* (block_size, kv_heads, head_dim) */
+    const float *q = b->qkv + (size_t)i * (H + 2 * KVH) * hd; /* (heads, head_dim), rotated */
+    float *scores = b->scratch + (size_t)omp_get_thread_num() * H * bs; /* (heads, block_size) */
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    /* Scores (heads, positions): four positions by three heads of a group at a time. */
+    for (int g = 0; g < KVH; g++) {
+        const float *key = keys + (size_t)g * hd, *qg = q + (size_t)g * G * hd;
+        float d43[4][3], d4[4];
+        int p = 0;
+        for (; p + 4 <= count; p += 4) {
+            int j = 0;
+            for (; j + 3 <= G; j += 3) {
+                dot4x3(key + p * st.token, st.token, hd, qg + j * hd, hd, d43);
+                for (int r = 0; r < 4; r++) {
+                    for (int k = 0; k < 3; k++) scores[(g * G + j + k) * bs + p + r] = d43[r][k] * scale;
+                }
+            }
+            for (; j < G; j++) {
+                dot4(key + p * st.token, st.token, hd, qg + j * hd, d4);
+                for (int r = 0; r < 4; r++) scores[(g * G + j) * bs + p + r] = d4[r] * scale;
+            }
+        }
+        for (; p < count; p++) {
+            for (int j = 0; j < G; j++) scores[(g * G + j) * bs + p] = dot1(key + p * st.token, qg + j * hd, hd) * scale;
+        }
+    }
+    float *part = b->partials + (size_t)t * H * (hd + 2); /* per head: output (head_dim), max, sum */
+    for (int h = 0; h < H; h++) {
+        float *sc = scores + h * bs, max_score = -INFINITY;
+        for (int p = 0; p < count; p++) max_score = sc[p] > max_score ? sc[p] : max_score;
+        part[h * (hd + 2) + hd] = max_score;
+        part[h * (hd + 2) + hd + 1] = exp_shifted(sc, count, max_score);
+    }
+    for (int g = 0; g < KVH; g++) { /* the heads of a group share its value rows */
+        for (int j = 0; j < G; j += 3) {
+            int h = g * G + j, heads = G - j < 3 ? G - j : 3;
+            weighted_rows(keys + st.half + (size_t)g * hd, st.token, scores + h * bs, bs, heads, count, hd,
+                          part + h * (hd + 2), hd + 2);
+        }
+    }
+}
+
+/* out (n, q_size) = the softmax-weighted merge of every task's partial output, one (request,
+ * head) at a time, split across the team; no barrier at the end. */
+static void merge_attention(const pd_model *m, const step_inputs *in, const float *partials, float *out) {
+    const int H = m->num_heads, hd = m->head_dim;
+    const size_t task_stride = (size_t)H * (hd + 2);
+#pragma omp for schedule(static) nowait
+    for (int item = 0; item < in->n * H; item++) {
+        const int i = item / H, h = item % H;
+        const int first = in->task_start[i], tasks = in->task_start[i + 1] - first;
+        const float *head = partials + ((size_t)first * H + h) * (hd + 2);
+        float max_score = -INFINITY, total = 0.0f, *o = out + ((size_t)i * H + h) * hd;
+        for (int c = 0; c < tasks; c++) {
+            float mc = head[c * task_stride + hd];
+            max_score = mc > max_score ? mc : max_score;
+        }
+        memset(o, 0, sizeof(float) * hd);
+        for (int c = 0; c < tasks; c++) {
+            const float *part = head + c * task_stride;
+            float w = expf(part[hd] - max_score);
+            total += w * part[hd + 1];
+#pragma omp simd
+            for (int d = 0; d < hd; d++) o[d] += w * part[d];
+        }
+        for (int d = 0; d < hd; d++) o[d] /= total;
+    }
+}
+
+static void layer_step(const pd_model *m, int layer, const step_inputs *in, buffers *b) {
+    const pd_layer *L = &m->layers[layer];
+    const int n = in->n, D = m->hidden, I = m->intermediate, q_size = m->num_heads * m->head_dim;
+    const int qkv_out = q_size + 2 * m->num_kv_heads * m->head_dim;
+    float *normed = b->normed + (size_t)omp_get_thread_num() * n * D;
+
+    rms_norm_rows(b->x, L->input_norm, n, D, m->eps, normed);
+    matvec_shared(L->qkv, D, qkv_out, normed, D, n, L->qkv_bias, b->qkv, qkv_out, 0);
+#pragma omp barrier
+    rotate_and_store(m, L, layer, in, b->qkv);
+#pragma omp for schedule(static) /* implicit barrier: every partial result is in */
+    for (int t = 0; t < in->num_tasks; t++) attention_task(m, layer, t, in, b);
+    merge_attention(m, in, b->partials, b->attn);
+#pragma omp barrier
+    matvec_shared(L->o, q_size, D, b->attn, q_size, n, NULL, b->x, D, 1); /* x += o(attn) */
+#pragma omp barrier
+    rms_norm_rows(b->x, L->post_norm, n, D, m->eps, normed);
+    /* Gate rows [j0, j1) and the matching up rows: this thread alone needs both for act. */
+    int j0, j1;
+    thread_rows(I, &j0, &j1);
+    matvec_rows(L->gate_up, D, j0, j1, normed, D, n, NULL, b->gate_up, 2 * I, 0);
+    matvec_rows(L->gate_up, D, I + j0, I + j1, normed, D, n, NULL, b->gate_up, 2 * I, 0);
+    for (int i = 0; i < n; i++) {
+        const float *gate = b->gate_up + (size_t)i * 2 * I, *up = gate + I;
+        float *act = b->act + (size_t)i * I;
+        for (int j = j0; j < j1; j++) act[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+    }
+#pragma omp barrier
+    matvec_shared(L->down, I, D, b->act, I, n, NULL, b->x, D, 1); /* x += down(act) */
+#pragma omp barrier
+}
+
+/* Checks that every position and block id the step will touch is inside the model's tables. */
+static int check_inputs(const pd_model *m, int n, const int64_t *token_ids,
+                        const int32_t *block_table, int max_blocks, const int32_t *seq_lens) {
+    for (int i = 0; i < n; i++) {
+        int len = seq_lens[i];
+        if (len < 1 || len > m->max_positions || len > max_blocks * m->block_size) return PD_BAD_LENGTH;
+        if (token_ids[i] < 0 || token_ids[i] >= m->vocab) return PD_BAD_TOKEN;
+        for (int b = 0; b < (len + m->block_size - 1) / m->block_size; b++) {
+            int32_t id = block_table[(size_t)i * max_blocks + b];
+            if (id < 0 || id >= m->num_blocks) return PD_BAD_BLOCK;
+        }
+    }
+    return PD_OK;
+}
+
+/* Runs one decode step for n requests, each with one new token; writes logits (n, vocab). */
+int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int32_t *block_table,
+                   int max_blocks, const int32_t *seq_lens, float *kv_cache, float *logits,
+                   int num_threads) {
+    int status = check_inputs(m, n, token_ids, block_table, max_blocks, seq_lens);
+    if (status != PD_OK) return status;
+    const int D = m->hidden, hd = m->head_dim, I = m->intermediate;
+    const int q_size = m->num_heads * hd, qkv_out = q_size + 2 * m->num_kv_heads * hd;
+    if (num_threads < 1) num_threads = 1;
+    int32_t *task_start = malloc(sizeof(int32_t) * (n + 1));
+    if (!task_start) return PD_NO_MEMORY;
+    task_start[0] = 0;
+    for (int i = 0; i < n; i++)
+        task_start[i + 1] = task_start[i] + (seq_lens[i] + m->block_size - 1) / m->block_size;
+    step_inputs in = {n, max_blocks, task_start[n], block_table, seq_lens, task_start, kv_cache};
+    size_t sizes[8] = {(size_t)n * D, (size_t)num_threads * n * D, (size_t)n * qkv_out,
+                       (size_t)n * q_size, (size_t)n * 2 * I, (size_t)n * I,
+                       (size_t)in.num_tasks * m->num_heads * (hd + 2),
+                       (size_t)num_threads * m->num_heads * m->block_size};
+    size_t total = 0;
+    for (int k = 0; k < 8; k++) total += (sizes[k] + 15) & ~(size_t)15; /* 64-byte aligned parts */
+    float *arena = aligned_alloc(64, total * sizeof(float));
+    if (!arena) {
+        free(task_start);
+        return PD_NO_MEMORY;
+    }
+    buffers b;
+    float **parts[8] = {&b.x, &b.normed, &b.qkv, &b.attn, &b.gate_up, &b.act, &b.partials, &b.scratch};
+    size_t offset = 0;
+    for (int k = 0; k < 8; k++) {
+        *parts[k] = arena + offset;
+        offset += (sizes[k] + 15) & ~(size_t)15;
+    }
+    for (int i = 0; i < n; i++) memcpy(b.x + (size_t)i * D, m->embed + (size_t)token_ids[i] * D, sizeof(float) * D);
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        for (int layer = 0; layer < m->num_layers; layer++) layer_step(m, layer, &in, &b);
+        float *normed = b.normed + (size_t)omp_get_thread_num() * n * D;
+        rms_norm_rows(b.x, m->final_norm, n, D, m->eps, normed);
+        matvec_shared(m->lm_head, D, m->vocab, normed, D, n, NULL, logits, m->vocab, 0);
+    }
+    free(arena);
+    free(task_start);
+    return PD_OK;
+}
+
+/* Sums float buffers, each split across the threads the way the projections are: the read
+ * bandwidth this code reaches, for the benchmark's floor. Given the model's weights, it reads
+ * exactly the memory a decode step reads, as fast as the machine will stream it. */
+double pd_stream_sum(const float *const *buffers, const int64_t *counts, int num_buffers, int num_threads) {
+    double total = 0.0;
+#pragma omp parallel num_threads(num_threads) reduction(+ : total)
+    {
+        int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+        for (int k = 0; k < num_buffers; k++) {
+            const float *buf = buffers[k];
+            int64_t per = (counts[k] / nt) & ~(int64_t)31;
+            int64_t c = id * per, end = id == nt - 1 ? counts[k] : c + per;
+            float part = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (; c + 32 <= end; c += 32) {
+                a0 = _mm256_add_ps(a0, _mm256_loadu_ps(buf + c));
+                a1 = _mm256_add_ps(a1, _mm256_loadu_ps(buf + c + 8));
+                a2 = _mm256_add_ps(a2, _mm256_loadu_ps(buf + c + 16));
+                a3 = _mm256_add_ps(a3, _mm256_loadu_ps(buf + c + 24));
+            }
+            part = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+            for (; c < end; c++) part += buf[c];
+            total += part;
+        }
+    }
+    return total;
+}

@@ -1,0 +1,109 @@
+"""The native CPU decode step against the same engine decoding with torch ops.
+
+Both engines run the same requests; the native one takes every step of one new token for up to
+MAX_NATIVE_ROWS requests (lowered here, so that larger steps occur), the torch one none.
+Outputs, logprobs and the KV written must agree.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+import engine.model_runner
+from engine.native import CpuDecodeStep, NativeBuildError
+from engine.sampling_params import SamplingParams
+
+ARCHS = ("llama3", "mistral", "qwen2", "qwen3")
+MAX_NATIVE_ROWS = 6
+
+
+def _engine(path: str, decode_kernel: str, **options) -> LLMEngine:
+    options = {"dtype": "float32", "device": "cpu", "num_blocks": 160, "block_size": 4,
+               "decode_kernel": decode_kernel, **options}
+    return LLMEngine(EngineConfig.from_options(path, **options), None, False)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int], tag: str) -> dict[str, object]:
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=3)
+        engine.add_request(prompt, params, f"{tag}{i}")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+def _count_native_steps(engine: LLMEngine) -> list[int]:
+    """Wraps the engine's native step to record the batch size of every call."""
+    sizes: list[int] = []
+    step = engine.runner.native_decode
+
+    def counted(input_ids, *args):
+        sizes.append(int(input_ids.shape[0]))
+        return step(input_ids, *args)
+    engine.runner.native_decode = counted
+    return sizes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_native_steps_match_torch_ops(tiny_checkpoints, arch, monkeypatch):
+    """Mixed prompt lengths (block boundaries crossed at block_size 4), decode batches shrinking
+    from past MAX_NATIVE_ROWS to 1 as requests finish one after another: same tokens, logprobs
+    within 1e-4, and the same K/V in the cache."""
+    monkeypatch.setattr(engine.model_runner, "MAX_NATIVE_ROWS", MAX_NATIVE_ROWS)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 23))]
+               for _ in range(MAX_NATIVE_ROWS + 2)]
+    torch_engine = _engine(tiny_checkpoints[arch], "torch")
+    native_engine = _engine(tiny_checkpoints[arch], "native")
+    assert torch_engine.runner.native_decode is None
+    sizes = _count_native_steps(native_engine)
+    # One request alone first (batch-1 steps), then all of them at once.
+    expected = _run(torch_engine, prompts[:1], [9], "alone")
+    got = _run(native_engine, prompts[:1], [9], "alone")
+    assert sizes and set(sizes) == {1}
+    expected_kv = torch_engine.runner.kv_cache.clone()
+    assert torch.allclose(native_engine.runner.kv_cache, expected_kv, atol=1e-5, rtol=0)
+    max_tokens = [3 + 2 * i for i in range(len(prompts))]
+    expected.update(_run(torch_engine, prompts, max_tokens, "batch"))
+    got.update(_run(native_engine, prompts, max_tokens, "batch"))
+    # Every batch size up to the limit ran natively; larger decode batches went to torch ops.
+    assert set(sizes) == set(range(1, MAX_NATIVE_ROWS + 1))
+    for request_id, out in expected.items():
+        assert got[request_id].token_ids == out.token_ids, request_id
+        for mine, ref in zip(got[request_id].logprobs, out.logprobs):
+            assert mine.keys() == ref.keys()
+            assert max(abs(mine[t] - ref[t]) for t in ref) < 1e-4
+    assert torch.allclose(native_engine.runner.kv_cache, torch_engine.runner.kv_cache, atol=1e-5, rtol=0)
+
+
+def test_native_step_refuses_out_of_range_inputs(tiny_checkpoints):
+    engine = _engine(tiny_checkpoints["llama3"], "native")
+    step: CpuDecodeStep = engine.runner.native_decode
+    kv = engine.runner.kv_cache
+    ids = torch.tensor([5], dtype=torch.long)
+    ok = step(ids, torch.tensor([[3, 4]], dtype=torch.int32), torch.tensor([6], dtype=torch.int32), kv)
+    assert ok.shape == (1, 512) and torch.isfinite(ok).all()
+    with pytest.raises(RuntimeError, match="block id outside"):
+        step(ids, torch.tensor([[3, 160]], dtype=torch.int32), torch.tensor([6], dtype=torch.int32), kv)
+    with pytest.raises(RuntimeError, match="context length"):
+        step(ids, torch.tensor([[3, 4]], dtype=torch.int32), torch.tensor([9], dtype=torch.int32), kv)
+    with pytest.raises(RuntimeError, match="token id"):
+        step(torch.tensor([512]), torch.tensor([[3, 4]], dtype=torch.int32),
+             torch.tensor([6], dtype=torch.int32), kv)
+
+
+def test_decode_kernel_choice(tiny_checkpoints):
+    path = tiny_checkpoints["qwen2"]
+    with pytest.raises(NativeBuildError, match="float32"):
+        _engine(path, "native", dtype="bfloat16")
+    assert _engine(path, "auto", dtype="bfloat16").runner.native_decode is None
+    assert _engine(path, "auto").runner.native_decode is not None
+    with pytest.raises(ValueError, match="unknown decode kernel"):
+        _engine(path, "fast")
