@@ -17,7 +17,7 @@ import torch
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionMetadata, ForwardContext
 from engine.model.config import ModelArchConfig
-from engine.native import MAX_NATIVE_ROWS, CpuDecodeStep, NativeBuildError, unsupported_reason
+from engine.native import MAX_NATIVE_ROWS, CpuDecodeStep, NativeBuildError, NativeCpuOps, unsupported_reason
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledRequest
 
@@ -81,8 +81,11 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.kv_caches = list(self.kv_cache.unbind(1))  # per layer: (blocks, 2, bs, kv_heads, hd)
         self.native_decode = self._native_decode_step(decode_kernel)
+        self.ops = None  # engine.model.ops.TorchOps
         if self.native_decode is None:
             model.use_column_major_weights()
+        else:
+            self.ops = NativeCpuOps(self.native_decode.library)
 
     def _native_decode_step(self, decode_kernel: str) -> CpuDecodeStep | None:
         """The native CPU decode step (engine.native) when `decode_kernel` asks for it and it can
@@ -112,7 +115,7 @@ class ModelRunner:
             # (num_reqs, vocab); a one-token prefill chunk that does not end its prompt samples nothing
             logits = self.native_decode(input_ids, metadata.block_table, metadata.seq_lens, self.kv_cache)[rows]
         else:
-            ctx = ForwardContext(metadata, self.kv_caches, self.backend, after_layer)
+            ctx = ForwardContext(metadata, self.kv_caches, self.backend, after_layer, self.ops)
             hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
             last_token_index = [metadata.query_start_loc_cpu[i + 1] - 1 for i in rows]
             index = torch.tensor(last_token_index, device=self.device)

@@ -377,7 +377,9 @@ def test_serve_grpc_serves_until_cancelled_then_stops() -> None:
     status, responses, error = run(scenario())
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert "".join(r.text for r in responses) == "Hello wor"
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    # Refused either way: a connection that races the close of the listening socket is accepted
+    # by the shutting-down server and its call cancelled; later ones find nothing listening.
+    assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def test_second_server_on_a_taken_port_fails_to_start() -> None:

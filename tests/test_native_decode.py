@@ -107,3 +107,26 @@ def test_decode_kernel_choice(tiny_checkpoints):
     assert _engine(path, "auto").runner.native_decode is not None
     with pytest.raises(ValueError, match="unknown decode kernel"):
         _engine(path, "fast")
+
+
+def test_native_elementwise_ops_match_torch():
+    """SwiGLU's gate and rotary embedding, native against the torch reference, over contiguous
+    and strided inputs (q and k are a slice of the fused QKV output)."""
+    from engine.model.ops import TorchOps
+    from engine.model.rope import RotaryEmbedding
+    from engine.native import NativeCpuOps, load_library
+
+    native, reference = NativeCpuOps(load_library()), TorchOps()
+    torch.manual_seed(0)
+    gate_up = torch.randn(37, 2 * 100) * 4
+    assert torch.allclose(native.silu_mul(gate_up), reference.silu_mul(gate_up), rtol=1e-5, atol=1e-6)
+    rope = RotaryEmbedding(32, 256, 10000.0, None)
+    positions = torch.randint(0, 256, (37,))
+    qkv = torch.randn(37, 4 + 2 + 2, 32)  # (T, heads + 2 * kv_heads, head_dim)
+    expected = reference.rope(qkv[:, :6].clone(), positions, rope)
+    rotated = native.rope(qkv[:, :6], positions, rope)
+    assert rotated.data_ptr() == qkv.data_ptr()  # in place, in the fused tensor
+    assert torch.allclose(rotated, expected, rtol=1e-5, atol=1e-6)
+    # Not float32: the torch reference takes over.
+    half = qkv[:, :6].to(torch.bfloat16)
+    assert torch.equal(native.rope(half, positions, rope), reference.rope(half, positions, rope))

@@ -16,10 +16,8 @@ from prefill_worker.pusher import KVPusher, resolve_granularity
 BLOCK_SIZE = 4
 
 
-@pytest.mark.parametrize("granularity", ["chunk", "layer"])
-def test_pushed_blocks_equal_the_prefill_cache(tiny_checkpoints, granularity):
-    """A 30-token prompt prefilled in chunks of 8 tokens; the decode side already caches the
-    first 2 blocks, so blocks 2..7 (the last one partial) must land, bit for bit."""
+def _engine_and_link(tiny_checkpoints):
+    """A tiny prefill engine (chunks of 8 tokens) and a shm link to a 40-block receiver."""
     config = EngineConfig.from_options(tiny_checkpoints["llama3"], dtype="float32", device="cpu",
                                        num_blocks=32, block_size=BLOCK_SIZE, max_num_batched_tokens=8)
     engine = LLMEngine(config, None, False)
@@ -27,6 +25,14 @@ def test_pushed_blocks_equal_the_prefill_cache(tiny_checkpoints, granularity):
     receiver = create_receiver("shm", layout, num_blocks=40, timeout_s=20)
     sender = create_sender("shm", layout)
     sender.connect(receiver.endpoint)
+    return engine, layout, receiver, sender
+
+
+@pytest.mark.parametrize("granularity", ["chunk", "layer"])
+def test_pushed_blocks_equal_the_prefill_cache(tiny_checkpoints, granularity):
+    """A 30-token prompt prefilled in chunks of 8 tokens; the decode side already caches the
+    first 2 blocks, so blocks 2..7 (the last one partial) must land, bit for bit."""
+    engine, layout, receiver, sender = _engine_and_link(tiny_checkpoints)
     pusher = KVPusher(sender, engine.runner.kv_cache, BLOCK_SIZE, engine.kv_manager.get_block_ids,
                       granularity)
     tables = []
@@ -63,13 +69,7 @@ def test_pushed_blocks_equal_the_prefill_cache(tiny_checkpoints, granularity):
 def test_a_failed_push_is_reported_to_the_receiver_when_the_prefill_ends(tiny_checkpoints, granularity):
     """The first block push fails; the prefill goes on, and when it ends the receiver hears of
     the failure at once (not by its lease running out) and nothing stays tracked."""
-    config = EngineConfig.from_options(tiny_checkpoints["llama3"], dtype="float32", device="cpu",
-                                       num_blocks=32, block_size=BLOCK_SIZE, max_num_batched_tokens=8)
-    engine = LLMEngine(config, None, False)
-    layout = KVLayout(**engine.kv_layout_fields())
-    receiver = create_receiver("shm", layout, num_blocks=40, timeout_s=20)
-    sender = create_sender("shm", layout)
-    sender.connect(receiver.endpoint)
+    engine, _, receiver, sender = _engine_and_link(tiny_checkpoints)
     real_send, calls = sender.send_blocks, []
 
     def send_blocks(*args, **kwargs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -68,6 +69,9 @@ class ForwardContext:
     # Called with a layer's index once that layer has run, i.e. once this step's K/V of that
     # layer are in the cache (a prefill worker pushes them while the next layers compute).
     after_layer: Callable[[int], None] | None = None
+    # The elementwise operations (SwiGLU gate, rotary embedding): an engine.model.ops.TorchOps
+    # or a faster equivalent; None means TorchOps.
+    ops: Any = None
 
     def attention(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

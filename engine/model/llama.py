@@ -15,7 +15,8 @@ from torch import nn
 
 from engine.attention.base import ForwardContext
 from engine.model.config import ModelArchConfig
-from engine.model.rope import RotaryEmbedding, apply_rope
+from engine.model.ops import TORCH_OPS, TorchOps
+from engine.model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -110,13 +111,13 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # (T, heads + 2*kv_heads, hd)
         split = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
         q, k, v = qkv.split(split, dim=1)  # (T, heads, hd), (T, kv_heads, hd), (T, kv_heads, hd)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)  # (T, 1, hd) each
+        ops = ctx.ops or TORCH_OPS
         if self.q_norm is not None:
-            q = apply_rope(self.q_norm(q), cos, sin)
-            k = apply_rope(self.k_norm(k), cos, sin)
+            q = ops.rope(self.q_norm(q), positions, self.rope)
+            k = ops.rope(self.k_norm(k), positions, self.rope)
         else:
-            # Q and K are adjacent in qkv: rotate both with one set of ops.
-            qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+            # Q and K are adjacent in qkv: rotate both with one call.
+            qk = ops.rope(qkv[:, : self.num_heads + self.num_kv_heads], positions, self.rope)
             q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         out = ctx.attention(self.layer_idx, q, k, v, self.scale)  # (T, heads, hd)
         return self.o_proj(out.reshape(num_tokens, -1))  # (T, heads * hd) -> (T, hidden)
@@ -130,9 +131,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))  # (T, 2I) -> (T, I) -> (T, hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.ops or TORCH_OPS)
 
 
 class LlamaForCausalLM(nn.Module):

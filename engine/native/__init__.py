@@ -1,12 +1,14 @@
 """Native CPU kernels, compiled on the machine that runs them.
 
-The decode step of a few requests is bound by reading weights; `CpuDecodeStep` runs it as one
-native call (every layer, the LM head) that streams each weight once with all cores. It serves
-step 5 of a request's life (decode) on CPU workers and in the single-process engine. Without a C
-compiler the engine decodes with torch ops instead.
+`CpuDecodeStep` runs a whole decode step (every layer, the LM head) as one native call that
+streams each weight once with all cores, for steps of up to MAX_NATIVE_ROWS requests; it serves
+step 5 of a request's life (decode) on CPU workers and in the single-process engine.
+`NativeCpuOps` does prefill's elementwise work (SwiGLU's gate, rotary embedding) in one pass
+each. Without a C compiler the engine uses torch ops for all of it.
 """
 from engine.native.build import NativeBuildError, load_library
+from engine.native.cpu_ops import NativeCpuOps
 from engine.native.cpu_decode import MAX_NATIVE_ROWS, CpuDecodeStep, stream_sum, unsupported_reason
 
-__all__ = ["MAX_NATIVE_ROWS", "CpuDecodeStep", "NativeBuildError", "load_library", "stream_sum",
+__all__ = ["MAX_NATIVE_ROWS", "CpuDecodeStep", "NativeBuildError", "NativeCpuOps", "load_library", "stream_sum",
            "unsupported_reason"]

@@ -19,7 +19,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_step.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "decode_step.c", HERE / "elementwise.c")
+HEADERS = (HERE / "vector_math.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 
 
@@ -51,20 +53,21 @@ def library_path(compiler: str) -> Path:
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join(
-        [SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]
+        [*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), version.encode(),
+         _cpu_flags().encode()]
     )).hexdigest()[:16]
-    return Path(cache_dir()) / "kernels" / f"{SOURCE.stem}-{key}.so"
+    return Path(cache_dir()) / "kernels" / f"pdserve-cpu-{key}.so"
 
 
 def compile_library(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    command = [compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"]
-    logger.info("compiling the native decode kernels: %s", " ".join(command))
+    command = [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES), "-lm"]
+    logger.info("compiling the native CPU kernels: %s", " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise NativeBuildError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+        raise NativeBuildError(f"compiling the native CPU kernels failed:\n{done.stderr.strip()}")
     os.replace(partial, target)
 
 

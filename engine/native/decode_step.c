@@ -18,13 +18,10 @@
  */
 #include <math.h>
 #include <omp.h>
-#include <stddef.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+
+#include "vector_math.h"
 
 typedef struct {
     const float *input_norm; /* (hidden) */
@@ -52,129 +49,6 @@ typedef struct {
 
 enum { PD_OK = 0, PD_BAD_BLOCK = 1, PD_BAD_LENGTH = 2, PD_NO_MEMORY = 3, PD_BAD_TOKEN = 4 };
 
-/* ---- dot products: weights stream from memory, the (few) input rows stay in L1 ---------- */
-
-#if defined(__AVX2__) && defined(__FMA__)
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-/* out[r] = dot(w + r * ldw, x) over `in` floats, r < 4: four rows at once, each vector of x
- * loaded once. */
-static inline void dot4(const float *w, size_t ldw, int in, const float *x, float out[4]) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int c = 0;
-    for (; c + 8 <= in; c += 8) {
-        __m256 xv = _mm256_loadu_ps(x + c);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + ldw + c), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * ldw + c), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * ldw + c), xv, a3);
-    }
-    out[0] = hsum8(a0), out[1] = hsum8(a1), out[2] = hsum8(a2), out[3] = hsum8(a3);
-    for (; c < in; c++) {
-        for (int r = 0; r < 4; r++) out[r] += w[r * ldw + c] * x[c];
-    }
-}
-
-/* out[r][i] = dot(w + r * ldw, x + i * ldx) over `in` floats, r < 4, i < 3: the register block
- * for several inputs at once, twelve accumulators fed by four row and three input loads. */
-static inline void dot4x3(const float *w, size_t ldw, int in, const float *x, int ldx, float out[4][3]) {
-    __m256 acc[4][3];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = acc[r][2] = _mm256_setzero_ps();
-    int c = 0;
-    for (; c + 8 <= in; c += 8) {
-        __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + ldx + c);
-        __m256 x2 = _mm256_loadu_ps(x + 2 * ldx + c);
-        for (int r = 0; r < 4; r++) {
-            __m256 wv = _mm256_loadu_ps(w + r * ldw + c);
-            acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
-            acc[r][2] = _mm256_fmadd_ps(wv, x2, acc[r][2]);
-        }
-    }
-    for (int r = 0; r < 4; r++) {
-        for (int i = 0; i < 3; i++) {
-            float sum = hsum8(acc[r][i]);
-            for (int t = c; t < in; t++) sum += w[r * ldw + t] * x[i * ldx + t];
-            out[r][i] = sum;
-        }
-    }
-}
-
-static inline float dot1(const float *w, const float *x, int in) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int c = 0;
-    for (; c + 16 <= in; c += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 8), _mm256_loadu_ps(x + c + 8), a1);
-    }
-    float s = hsum8(_mm256_add_ps(a0, a1));
-    for (; c < in; c++) s += w[c] * x[c];
-    return s;
-}
-#else
-static inline float dot1(const float *w, const float *x, int in) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int c = 0; c < in; c++) s += w[c] * x[c];
-    return s;
-}
-
-static inline void dot4(const float *w, size_t ldw, int in, const float *x, float out[4]) {
-    for (int r = 0; r < 4; r++) out[r] = dot1(w + r * ldw, x, in);
-}
-
-static inline void dot4x3(const float *w, size_t ldw, int in, const float *x, int ldx, float out[4][3]) {
-    for (int r = 0; r < 4; r++) {
-        for (int i = 0; i < 3; i++) out[r][i] = dot1(w + r * ldw, x + (size_t)i * ldx, in);
-    }
-}
-#endif
-
-/* x[p] = exp(x[p] - shift) for p < n; returns their sum. */
-#if defined(__AVX2__) && defined(__FMA__)
-/* exp by 2^k * e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r: within 2 ulp of expf
- * over the softmax range (arguments <= 0), at a fraction of its cost. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-static float exp_shifted(float *x, int n, float shift) {
-    __m256 total = _mm256_setzero_ps(), s = _mm256_set1_ps(shift);
-    int p = 0;
-    for (; p + 8 <= n; p += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + p), s));
-        _mm256_storeu_ps(x + p, e);
-        total = _mm256_add_ps(total, e);
-    }
-    float sum = hsum8(total);
-    for (; p < n; p++) sum += x[p] = expf(x[p] - shift);
-    return sum;
-}
-#else
-static float exp_shifted(float *x, int n, float shift) {
-    float sum = 0.0f;
-    for (int p = 0; p < n; p++) sum += x[p] = expf(x[p] - shift);
-    return sum;
-}
-#endif
 
 /* out[j * ldo + c] = sum over p < count of w[j * ldw + p] * v[p * ldv + c], for c < dim and
  * j < heads (1 to 3): the softmax-weighted sum of value rows for the query heads that share
@@ -212,8 +86,7 @@ static void weighted_rows(const float *v, size_t ldv, const float *w, int ldw, i
     }
 }
 
-/* y[i * ldy + r] (+)= dot(W[r], x[i * ldx]) + bias[r] for rows r in [r0, r1) and inputs i < n.
- * Four weight rows (a few KB) are read from memory once and reused from L1 for every input. */
+
 static inline void store_row_results(float *y, int ldy, int i, int r, int count, const float *d,
                                      const float *bias, int accumulate) {
     float *out = y + (size_t)i * ldy + r;
@@ -271,32 +144,6 @@ static void matvec_shared(const float *W, int in, int rows, const float *x, int 
     int r0, r1;
     thread_rows(rows, &r0, &r1);
     matvec_rows(W, in, r0, r1, x, ldx, n, bias, y, ldy, accumulate);
-}
-
-/* ---- small per-row operations -------------------------------------------------------- */
-
-static void rms_norm(const float *x, const float *weight, int dim, float eps, float *out) {
-    float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-    for (int c = 0; c < dim; c++) ss += x[c] * x[c];
-    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-    for (int c = 0; c < dim; c++) out[c] = x[c] * inv * weight[c];
-}
-
-/* Every thread normalises all n rows into its own buffer: cheaper than a barrier. */
-static void rms_norm_rows(const float *x, const float *weight, int n, int dim, float eps, float *out) {
-    for (int i = 0; i < n; i++) rms_norm(x + (size_t)i * dim, weight, dim, eps, out + (size_t)i * dim);
-}
-
-/* x' = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[half:], x[:half]]. */
-static void apply_rope(float *x, const float *cos_sin, int head_dim) {
-    int half = head_dim / 2;
-    const float *cos = cos_sin, *sin = cos_sin + head_dim;
-    for (int c = 0; c < half; c++) {
-        float a = x[c], b = x[c + half];
-        x[c] = a * cos[c] - b * sin[c];
-        x[c + half] = b * cos[c + half] + a * sin[c + half];
-    }
 }
 
 /* ---- the step -------------------------------------------------------------------------- */
@@ -464,7 +311,7 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
     for (int i = 0; i < n; i++) {
         const float *gate = b->gate_up + (size_t)i * 2 * I, *up = gate + I;
         float *act = b->act + (size_t)i * I;
-        for (int j = j0; j < j1; j++) act[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+        silu_mul(gate + j0, up + j0, j1 - j0, act + j0);
     }
 #pragma omp barrier
     matvec_shared(L->down, I, D, b->act, I, n, NULL, b->x, D, 1); /* x += down(act) */
@@ -533,32 +380,3 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
     return PD_OK;
 }
 
-/* Sums float buffers, each split across the threads the way the projections are: the read
- * bandwidth this code reaches, for the benchmark's floor. Given the model's weights, it reads
- * exactly the memory a decode step reads, as fast as the machine will stream it. */
-double pd_stream_sum(const float *const *buffers, const int64_t *counts, int num_buffers, int num_threads) {
-    double total = 0.0;
-#pragma omp parallel num_threads(num_threads) reduction(+ : total)
-    {
-        int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-        for (int k = 0; k < num_buffers; k++) {
-            const float *buf = buffers[k];
-            int64_t per = (counts[k] / nt) & ~(int64_t)31;
-            int64_t c = id * per, end = id == nt - 1 ? counts[k] : c + per;
-            float part = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (; c + 32 <= end; c += 32) {
-                a0 = _mm256_add_ps(a0, _mm256_loadu_ps(buf + c));
-                a1 = _mm256_add_ps(a1, _mm256_loadu_ps(buf + c + 8));
-                a2 = _mm256_add_ps(a2, _mm256_loadu_ps(buf + c + 16));
-                a3 = _mm256_add_ps(a3, _mm256_loadu_ps(buf + c + 24));
-            }
-            part = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-            for (; c < end; c++) part += buf[c];
-            total += part;
-        }
-    }
-    return total;
-}
