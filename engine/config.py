@@ -57,7 +57,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda when available, else cpu
     attention_backend: str = "auto"  # auto | torch | flash_attn
-    # auto | native | torch. Steps of one new token for a few requests on the CPU run as one
+    # auto | native | torch. Steps of one new token per request (up to 64) on the CPU run as one
     # compiled call (engine.native) when a C compiler is present; auto falls back to torch ops
     # without one, native makes that an error, torch never compiles anything.
     decode_kernel: str = "auto"

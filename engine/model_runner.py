@@ -129,7 +129,7 @@ class ModelRunner:
         })
 
     def _runs_natively(self, metadata: AttentionMetadata, after_layer: Callable[[int], None] | None) -> bool:
-        """Steps of one new token per request, for few requests, and without per-layer hooks."""
+        """Steps of one new token per request, for up to MAX_NATIVE_ROWS requests, without per-layer hooks."""
         return (self.native_decode is not None and metadata.is_all_decode and after_layer is None
                 and metadata.num_reqs <= MAX_NATIVE_ROWS)
 

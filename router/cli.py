@@ -45,9 +45,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flash_attn"],
                    help="attention kernels; auto picks flash_attn on CUDA when installed")
     g.add_argument("--decode-kernel", default="auto", choices=["auto", "native", "torch"],
-                   help="how CPU decode steps of a few requests run: native (one compiled call per "
-                        "step, built once with the machine's C compiler), torch (torch ops), or auto "
-                        "(native when it builds, else torch; the default)")
+                   help="how float32 CPU decode steps (up to 64 requests) run: native (one compiled call "
+                        "per step, built once with the machine's C compiler), torch (torch ops), or "
+                        "auto (native when it builds, else torch; the default)")
 
 
 def sampling_params_from_args(args: argparse.Namespace):

@@ -1,13 +1,16 @@
-/* One decode step of a Llama-family model on the CPU, in float32, for a few requests at once.
+/* One decode step of a Llama-family model on the CPU, in float32, for one to a few dozen
+ * requests at once (one new token each).
  *
- * A decode step with few requests reads every weight once and does about two FLOPs per weight
+ * With few requests, a decode step reads every weight once and does about two FLOPs per weight
  * and request: it is bound by memory bandwidth. Built from ~20 torch ops per layer, such a step
  * spends about as long dispatching ops as reading weights, and BLAS's matrix-vector path streams
  * weights well below what the memory delivers. Here the whole step (embedding lookup, every
  * layer, final norm, LM head) runs inside one OpenMP parallel region. Each projection is split
  * by output rows across the threads, so a thread streams one contiguous slice of every
- * row-major weight; threads meet at a barrier only where a stage needs the complete output of
- * the one before.
+ * row-major weight, reusing each few-KB piece from L1 for all requests (three at a time in
+ * registers, which keeps larger batches, bound by arithmetic, near the FMA units' rate).
+ * Attention reads the paged KV blocks in place. Threads meet at a barrier only where a stage
+ * needs the complete output of the one before.
  *
  * Layouts (float32, C-contiguous):
  *   weights      (out, in), row-major; QKV rows are [Q | K | V], gate/up rows are [gate | up]
@@ -49,7 +52,6 @@ typedef struct {
 
 enum { PD_OK = 0, PD_BAD_BLOCK = 1, PD_BAD_LENGTH = 2, PD_NO_MEMORY = 3, PD_BAD_TOKEN = 4 };
 
-
 /* out[j * ldo + c] = sum over p < count of w[j * ldw + p] * v[p * ldv + c], for c < dim and
  * j < heads (1 to 3): the softmax-weighted sum of value rows for the query heads that share
  * them, each value vector loaded once for all of those heads. */
@@ -85,7 +87,6 @@ static void weighted_rows(const float *v, size_t ldv, const float *w, int ldw, i
         }
     }
 }
-
 
 static inline void store_row_results(float *y, int ldy, int i, int r, int count, const float *d,
                                      const float *bias, int accumulate) {
