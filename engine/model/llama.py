@@ -126,7 +126,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelArchConfig):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         # Rows [0, I) are the gate projection, [I, 2I) the up projection.
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
