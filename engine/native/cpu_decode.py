@@ -43,8 +43,6 @@ class _Model(ctypes.Structure):
     ]
 
 
-MAX_BLOCK_SIZE = 64  # an attention task's positions, one block (see decode_step.c)
-
 _ERRORS = {1: "a block id outside the KV cache",
            2: "a context length beyond its block table or the model's positions",
            3: "out of memory for the step's scratch buffers", 4: "a token id outside the vocabulary"}
@@ -56,8 +54,6 @@ def unsupported_reason(model: LlamaForCausalLM, kv_cache: torch.Tensor) -> str |
         return f"it runs on the CPU, the KV cache is on {kv_cache.device}"
     if kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous():
         return "it needs a contiguous float32 KV cache"
-    if kv_cache.shape[3] > MAX_BLOCK_SIZE:
-        return f"it handles blocks of up to {MAX_BLOCK_SIZE} tokens, the cache has {kv_cache.shape[3]}"
     bad = [name for name, p in model.named_parameters() if p.dtype != torch.float32]
     if bad:
         return f"it needs float32 weights ({bad[0]} is {model.get_parameter(bad[0]).dtype})"

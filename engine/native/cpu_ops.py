@@ -9,9 +9,7 @@ import torch
 
 from engine.model.ops import TorchOps
 from engine.model.rope import RotaryEmbedding
-
-_f32p = ctypes.POINTER(ctypes.c_float)
-_i64p = ctypes.POINTER(ctypes.c_int64)
+from engine.native.cpu_decode import _f32p, _i64p
 
 
 def _is_cpu_f32(t: torch.Tensor) -> bool:
