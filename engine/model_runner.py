@@ -81,6 +81,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.kv_caches = list(self.kv_cache.unbind(1))  # per layer: (blocks, 2, bs, kv_heads, hd)
         self.native_decode = self._native_decode_step(decode_kernel)
+        self._logits_buffer: torch.Tensor | None = None  # the native step's output, reused
         self.ops = None  # engine.model.ops.TorchOps
         if self.native_decode is None:
             model.use_column_major_weights()
@@ -109,12 +110,13 @@ class ModelRunner:
         self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]],
         after_layer: Callable[[int], None] | None = None,
     ) -> StepResult:
-        input_ids, positions, metadata = self.prepare_inputs(scheduled, block_tables)
         rows = [i for i, s in enumerate(scheduled) if s.samples]
-        if self._runs_natively(metadata, after_layer):
-            # (num_reqs, vocab); a one-token prefill chunk that does not end its prompt samples nothing
-            logits = self.native_decode(input_ids, metadata.block_table, metadata.seq_lens, self.kv_cache)[rows]
+        if self._runs_natively(scheduled, after_layer):
+            logits = self._native_logits(scheduled, block_tables)  # (num_reqs, vocab)
+            if len(rows) < len(scheduled):  # a one-token prefill chunk not ending its prompt samples nothing
+                logits = logits[rows]
         else:
+            input_ids, positions, metadata = self.prepare_inputs(scheduled, block_tables)
             ctx = ForwardContext(metadata, self.kv_caches, self.backend, after_layer, self.ops)
             hidden = self.model(input_ids, positions, ctx)  # (num_tokens, hidden)
             last_token_index = [metadata.query_start_loc_cpu[i + 1] - 1 for i in rows]
@@ -128,10 +130,32 @@ class ModelRunner:
             r.request_id: (tok, lp) for r, tok, lp in zip(requests, out.token_ids, out.logprobs)
         })
 
-    def _runs_natively(self, metadata: AttentionMetadata, after_layer: Callable[[int], None] | None) -> bool:
+    def _runs_natively(
+        self, scheduled: tuple[ScheduledRequest, ...], after_layer: Callable[[int], None] | None
+    ) -> bool:
         """Steps of one new token per request, for up to MAX_NATIVE_ROWS requests, without per-layer hooks."""
-        return (self.native_decode is not None and metadata.is_all_decode and after_layer is None
-                and metadata.num_reqs <= MAX_NATIVE_ROWS)
+        return (self.native_decode is not None and after_layer is None and len(scheduled) <= MAX_NATIVE_ROWS
+                and all(s.num_new_tokens == 1 for s in scheduled))
+
+    def _native_logits(self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]) -> torch.Tensor:
+        """One native decode step: only the inputs it reads are built (a steady decode step of a
+        small model takes tens of milliseconds; the Python around it is kept to a few percent)."""
+        token_ids, seq_lens = [], []
+        for item in scheduled:
+            request = item.request
+            token_ids.append(request.all_token_ids[request.num_computed_tokens])
+            seq_lens.append(request.num_computed_tokens + 1)
+        max_blocks = max(map(len, block_tables))
+        padded = [t if len(t) == max_blocks else t + [0] * (max_blocks - len(t)) for t in block_tables]
+        n = len(scheduled)
+        if self._logits_buffer is None or self._logits_buffer.shape[0] < n:
+            vocab = self.model.config.vocab_size
+            self._logits_buffer = torch.empty((max(n, MAX_NATIVE_ROWS), vocab), dtype=torch.float32)
+        # The buffer is reused step after step: the sampler reads it before the next step runs.
+        return self.native_decode(
+            torch.tensor(token_ids, dtype=torch.long), torch.tensor(padded, dtype=torch.int32),
+            torch.tensor(seq_lens, dtype=torch.int32), self.kv_cache, out=self._logits_buffer[:n],
+        )
 
     def prepare_inputs(
         self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]

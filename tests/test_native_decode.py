@@ -44,9 +44,9 @@ def _count_native_steps(engine: LLMEngine) -> list[int]:
     sizes: list[int] = []
     step = engine.runner.native_decode
 
-    def counted(input_ids, *args):
+    def counted(input_ids, *args, **kwargs):
         sizes.append(int(input_ids.shape[0]))
-        return step(input_ids, *args)
+        return step(input_ids, *args, **kwargs)
     engine.runner.native_decode = counted
     return sizes
 

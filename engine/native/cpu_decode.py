@@ -119,11 +119,14 @@ class CpuDecodeStep:
         return cls(library, struct, keep + weights, weights, cfg.vocab_size)
 
     def __call__(self, input_ids: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 kv_cache: torch.Tensor) -> torch.Tensor:
+                 kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (n,) int64, block_table (n, max_blocks) int32, seq_lens (n,) int32 (the new
-        token included) -> logits (n, vocab) float32. Writes the new tokens' K/V into kv_cache."""
+        token included) -> logits (n, vocab) float32, written into `out` when given (contiguous).
+        Writes the new tokens' K/V into kv_cache."""
         num_reqs, max_blocks = block_table.shape
-        logits = torch.empty((num_reqs, self.vocab), dtype=torch.float32)
+        logits = torch.empty((num_reqs, self.vocab), dtype=torch.float32) if out is None else out
+        if logits.shape != (num_reqs, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
+            raise ValueError(f"logits buffer must be a contiguous float32 ({num_reqs}, {self.vocab}) tensor")
         status = self.library.pd_decode_step(
             ctypes.byref(self.struct), num_reqs,
             ctypes.cast(input_ids.data_ptr(), _i64p), ctypes.cast(block_table.data_ptr(), _i32p),

@@ -64,16 +64,37 @@ static inline void dot4x3(const float *w, size_t ldw, int in, const float *x, in
     }
 }
 
+/* One row against one input: four accumulators hide the FMA latency. */
 static inline float dot1(const float *w, const float *x, int in) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int c = 0;
-    for (; c + 16 <= in; c += 16) {
+    for (; c + 32 <= in; c += 32) {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 8), _mm256_loadu_ps(x + c + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 16), _mm256_loadu_ps(x + c + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 24), _mm256_loadu_ps(x + c + 24), a3);
     }
-    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; c + 8 <= in; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; c < in; c++) s += w[c] * x[c];
     return s;
+}
+
+/* One row against two inputs, each weight vector loaded once. */
+static inline void dot1x2(const float *w, int in, const float *x, size_t ldx, float out[2]) {
+    const float *x1 = x + ldx;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int c = 0;
+    for (; c + 16 <= in; c += 16) {
+        __m256 w0 = _mm256_loadu_ps(w + c), w1 = _mm256_loadu_ps(w + c + 8);
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c), a0);
+        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c + 8), a1);
+        b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + c), b0);
+        b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + c + 8), b1);
+    }
+    float s0 = hsum8(_mm256_add_ps(a0, a1)), s1 = hsum8(_mm256_add_ps(b0, b1));
+    for (; c < in; c++) s0 += w[c] * x[c], s1 += w[c] * x1[c];
+    out[0] = s0, out[1] = s1;
 }
 #else
 static inline float dot1(const float *w, const float *x, int in) {
@@ -81,6 +102,10 @@ static inline float dot1(const float *w, const float *x, int in) {
 #pragma omp simd reduction(+ : s)
     for (int c = 0; c < in; c++) s += w[c] * x[c];
     return s;
+}
+
+static inline void dot1x2(const float *w, int in, const float *x, size_t ldx, float out[2]) {
+    out[0] = dot1(w, x, in), out[1] = dot1(w, x + ldx, in);
 }
 
 static inline void dot4(const float *w, size_t ldw, int in, const float *x, float out[4]) {
