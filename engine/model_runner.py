@@ -16,8 +16,10 @@ import torch
 
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionMetadata, ForwardContext
+from engine.memory import huge_page_zeros
 from engine.model.config import ModelArchConfig
-from engine.native import MAX_NATIVE_ROWS, CpuDecodeStep, NativeBuildError, NativeCpuOps, unsupported_reason
+from engine.native import (MAX_NATIVE_ROWS, CpuDecodeStep, DecodeStepOutput, NativeBuildError, NativeCpuOps,
+                           unsupported_reason)
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledRequest
 
@@ -73,7 +75,8 @@ class ModelRunner:
         shape = (kv_shape.num_blocks, kv_shape.num_layers, 2, kv_shape.block_size,
                  kv_shape.num_kv_heads, kv_shape.head_dim)
         if kv_cache is None:
-            kv_cache = torch.zeros(shape, dtype=kv_shape.dtype, device=device)
+            kv_cache = (huge_page_zeros(shape, kv_shape.dtype) if device.type == "cpu"
+                        else torch.zeros(shape, dtype=kv_shape.dtype, device=device))
         elif tuple(kv_cache.shape) != shape or kv_cache.dtype != kv_shape.dtype:
             raise ValueError(f"KV cache tensor is {tuple(kv_cache.shape)} {kv_cache.dtype}, "
                              f"expected {shape} {kv_shape.dtype}")
@@ -111,10 +114,11 @@ class ModelRunner:
         after_layer: Callable[[int], None] | None = None,
     ) -> StepResult:
         rows = [i for i, s in enumerate(scheduled) if s.samples]
+        argmax = None
         if self._runs_natively(scheduled, after_layer):
-            logits = self._native_logits(scheduled, block_tables)  # (num_reqs, vocab)
+            logits, argmax = self._native_step(scheduled, block_tables)  # (num_reqs, vocab)
             if len(rows) < len(scheduled):  # a one-token prefill chunk not ending its prompt samples nothing
-                logits = logits[rows]
+                logits, argmax = logits[rows], [argmax[i] for i in rows]
         else:
             input_ids, positions, metadata = self.prepare_inputs(scheduled, block_tables)
             ctx = ForwardContext(metadata, self.kv_caches, self.backend, after_layer, self.ops)
@@ -125,7 +129,7 @@ class ModelRunner:
         if not rows:
             return StepResult({})
         requests = [scheduled[i].request for i in rows]
-        out = self.sampler(logits, requests)
+        out = self.sampler(logits, requests, argmax)
         return StepResult({
             r.request_id: (tok, lp) for r, tok, lp in zip(requests, out.token_ids, out.logprobs)
         })
@@ -137,25 +141,20 @@ class ModelRunner:
         return (self.native_decode is not None and after_layer is None and len(scheduled) <= MAX_NATIVE_ROWS
                 and all(s.num_new_tokens == 1 for s in scheduled))
 
-    def _native_logits(self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]) -> torch.Tensor:
-        """One native decode step: only the inputs it reads are built (a steady decode step of a
+    def _native_step(self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]) -> DecodeStepOutput:
+        """One native decode step, fed straight from the requests (a steady decode step of a
         small model takes tens of milliseconds; the Python around it is kept to a few percent)."""
         token_ids, seq_lens = [], []
         for item in scheduled:
             request = item.request
             token_ids.append(request.all_token_ids[request.num_computed_tokens])
             seq_lens.append(request.num_computed_tokens + 1)
-        max_blocks = max(map(len, block_tables))
-        padded = [t if len(t) == max_blocks else t + [0] * (max_blocks - len(t)) for t in block_tables]
         n = len(scheduled)
         if self._logits_buffer is None or self._logits_buffer.shape[0] < n:
             vocab = self.model.config.vocab_size
             self._logits_buffer = torch.empty((max(n, MAX_NATIVE_ROWS), vocab), dtype=torch.float32)
         # The buffer is reused step after step: the sampler reads it before the next step runs.
-        return self.native_decode(
-            torch.tensor(token_ids, dtype=torch.long), torch.tensor(padded, dtype=torch.int32),
-            torch.tensor(seq_lens, dtype=torch.int32), self.kv_cache, out=self._logits_buffer[:n],
-        )
+        return self.native_decode(token_ids, block_tables, seq_lens, self._logits_buffer[:n])
 
     def prepare_inputs(
         self, scheduled: tuple[ScheduledRequest, ...], block_tables: list[list[int]]

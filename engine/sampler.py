@@ -30,16 +30,22 @@ def _is_plain_greedy(params: SamplingParams) -> bool:
 class Sampler:
     """Stateless except for the per-request generators it attaches to seeded requests."""
 
-    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
-        # logits: (num_rows, vocab) float32; row i belongs to requests[i]
+    def __call__(
+        self, logits: torch.Tensor, requests: Sequence[Request], argmax: Sequence[int] | None = None
+    ) -> SamplerOutput:
+        """logits: (num_rows, vocab) float32, row i belonging to requests[i]. argmax: each row's
+        argmax when the caller has it already (the native decode step finds it while writing
+        the logits), else None."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"expected logits of shape ({len(requests)}, vocab), got {tuple(logits.shape)}")
         if all(_is_plain_greedy(r.sampling_params) for r in requests):
-            # argmax returns the first maximal index: ties go to the lowest id. On the CPU,
-            # numpy's single-threaded argmax of a few rows takes a sixth of torch's (which
-            # starts its thread pool for it), a measurable share of a small model's decode step.
-            rows = logits.numpy() if logits.device.type == "cpu" else logits
-            return SamplerOutput(rows.argmax(-1).tolist(), [None] * len(requests))
+            if argmax is None:
+                # argmax returns the first maximal index: ties go to the lowest id. On the CPU,
+                # numpy's single-threaded argmax of a few rows takes a sixth of torch's (which
+                # starts its thread pool for it).
+                rows = logits.numpy() if logits.device.type == "cpu" else logits
+                argmax = rows.argmax(-1).tolist()
+            return SamplerOutput(list(argmax), [None] * len(requests))
 
         token_ids = [self._sample_row(logits[i], req) for i, req in enumerate(requests)]
         return SamplerOutput(token_ids, _batch_logprobs(logits, requests, token_ids))

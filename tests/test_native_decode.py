@@ -44,9 +44,9 @@ def _count_native_steps(engine: LLMEngine) -> list[int]:
     sizes: list[int] = []
     step = engine.runner.native_decode
 
-    def counted(input_ids, *args, **kwargs):
-        sizes.append(int(input_ids.shape[0]))
-        return step(input_ids, *args, **kwargs)
+    def counted(token_ids, *args, **kwargs):
+        sizes.append(len(token_ids))
+        return step(token_ids, *args, **kwargs)
     engine.runner.native_decode = counted
     return sizes
 
@@ -86,17 +86,29 @@ def test_native_steps_match_torch_ops(tiny_checkpoints, arch, monkeypatch):
 def test_native_step_refuses_out_of_range_inputs(tiny_checkpoints):
     engine = _engine(tiny_checkpoints["llama3"], "native")
     step: CpuDecodeStep = engine.runner.native_decode
-    kv = engine.runner.kv_cache
-    ids = torch.tensor([5], dtype=torch.long)
-    ok = step(ids, torch.tensor([[3, 4]], dtype=torch.int32), torch.tensor([6], dtype=torch.int32), kv)
-    assert ok.shape == (1, 512) and torch.isfinite(ok).all()
+    ok = step([5], [[3, 4]], [6])
+    assert ok.logits.shape == (1, 512) and torch.isfinite(ok.logits).all()
     with pytest.raises(RuntimeError, match="block id outside"):
-        step(ids, torch.tensor([[3, 160]], dtype=torch.int32), torch.tensor([6], dtype=torch.int32), kv)
+        step([5], [[3, 160]], [6])
     with pytest.raises(RuntimeError, match="context length"):
-        step(ids, torch.tensor([[3, 4]], dtype=torch.int32), torch.tensor([9], dtype=torch.int32), kv)
+        step([5], [[3, 4]], [9])
     with pytest.raises(RuntimeError, match="token id"):
-        step(torch.tensor([512]), torch.tensor([[3, 4]], dtype=torch.int32),
-             torch.tensor([6], dtype=torch.int32), kv)
+        step([512], [[3, 4]], [6])
+    with pytest.raises(ValueError, match="block tables"):
+        step([5, 6], [[3, 4]], [6, 6])
+
+
+def test_native_step_argmax_is_the_first_largest_logit(tiny_checkpoints):
+    """The greedy token the step reports for each row is torch's argmax of the logits it wrote,
+    whichever thread wrote which rows."""
+    engine = _engine(tiny_checkpoints["qwen3"], "native")
+    step: CpuDecodeStep = engine.runner.native_decode
+    out = step([5, 77, 300, 5], [[1], [2, 3], [4, 5, 6], [7]], [1, 6, 9, 3])
+    assert out.argmax == out.logits.argmax(dim=-1).tolist()
+    # Rows of equal logits: the lowest index wins, as with torch.
+    same = step([9, 9], [[8], [9]], [1, 1])
+    assert torch.equal(same.logits[0], same.logits[1]) and same.argmax[0] == same.argmax[1]
+    assert same.argmax == same.logits.argmax(dim=-1).tolist()
 
 
 def test_decode_kernel_choice(tiny_checkpoints):

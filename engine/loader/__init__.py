@@ -16,6 +16,7 @@ import torch
 from engine.loader.demo import DEMO_NAME, demo_gguf_path
 from engine.loader.gguf_file import load_gguf
 from engine.loader.hf_dir import is_hf_dir, iter_hf_weights, read_hf_config
+from engine.memory import place_parameters_on_huge_pages
 from engine.model.config import ModelArchConfig
 from engine.model.llama import LlamaForCausalLM
 
@@ -82,6 +83,8 @@ def _materialise(
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to(dtype).to_empty(device=device)  # storage only; load_weights fills every param
+    if device.type == "cpu":
+        place_parameters_on_huge_pages(model)  # still storage only: untouched pages cost nothing
     model.load_weights(weights)
     model.requires_grad_(False)
     return model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -60,11 +61,17 @@ def unsupported_reason(model: LlamaForCausalLM, kv_cache: torch.Tensor) -> str |
     return None
 
 
+class DecodeStepOutput(NamedTuple):
+    logits: torch.Tensor  # (n, vocab) float32
+    argmax: list[int]  # each row's first largest logit: the greedy token
+
+
 class CpuDecodeStep:
-    def __init__(self, library: ctypes.CDLL, struct: _Model, keep_alive: list,
+    def __init__(self, library: ctypes.CDLL, struct: _Model, kv_cache: torch.Tensor, keep_alive: list,
                  weights: list[torch.Tensor], vocab: int) -> None:
         self.library = library
         self.struct = struct
+        self.kv_cache = kv_cache  # (num_blocks, layers, 2, block_size, kv_heads, head_dim): the struct's bounds
         self._keep_alive = keep_alive  # every tensor and ctypes array the struct points into
         self.weights = weights  # what a step reads in full, in the order it reads them
         self.vocab = vocab
@@ -77,8 +84,8 @@ class CpuDecodeStep:
             raise NativeBuildError(f"the native decode step cannot run here: {reason}")
         library = load_library()
         library.pd_decode_step.restype = ctypes.c_int
-        library.pd_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, _i64p, _i32p,
-                                           ctypes.c_int, _i32p, _f32p, _f32p, ctypes.c_int]
+        library.pd_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, _i64p, _i32p, ctypes.c_int,
+                                           _i32p, ctypes.c_void_p, ctypes.c_void_p, _i32p, ctypes.c_int]
         keep: list = []
         weights: list[torch.Tensor] = []
 
@@ -116,27 +123,36 @@ class CpuDecodeStep:
             embed=embed, final_norm=final_norm, lm_head=lm_head, rope=ptr(rope, streamed=False),
             layers=layers,
         )
-        return cls(library, struct, keep + weights, weights, cfg.vocab_size)
+        return cls(library, struct, kv_cache, keep + weights, weights, cfg.vocab_size)
 
-    def __call__(self, input_ids: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (n,) int64, block_table (n, max_blocks) int32, seq_lens (n,) int32 (the new
-        token included) -> logits (n, vocab) float32, written into `out` when given (contiguous).
-        Writes the new tokens' K/V into kv_cache."""
-        num_reqs, max_blocks = block_table.shape
-        logits = torch.empty((num_reqs, self.vocab), dtype=torch.float32) if out is None else out
-        if logits.shape != (num_reqs, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
-            raise ValueError(f"logits buffer must be a contiguous float32 ({num_reqs}, {self.vocab}) tensor")
+    def __call__(self, token_ids: Sequence[int], block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int],
+                 logits: torch.Tensor | None = None) -> DecodeStepOutput:
+        """One new token for each of n requests: token_ids (n), their block tables, and seq_lens (n)
+        with the new token included. Writes the new tokens' K/V into the KV cache and the logits
+        into `logits` (a contiguous float32 (n, vocab) tensor, allocated when not given).
+
+        Takes plain lists: a small model's step takes a few tens of milliseconds, and building
+        tensors for its inputs would add a measurable share to it."""
+        n = len(token_ids)
+        if logits is None:
+            logits = torch.empty((n, self.vocab), dtype=torch.float32)
+        elif logits.shape != (n, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
+            raise ValueError(f"logits must be a contiguous float32 ({n}, {self.vocab}) tensor")
+        if len(block_tables) != n or len(seq_lens) != n:
+            raise ValueError(f"{n} token ids, but {len(block_tables)} block tables and {len(seq_lens)} lengths")
+        max_blocks = max(map(len, block_tables))
+        table = (ctypes.c_int32 * (n * max_blocks))()
+        for i, blocks in enumerate(block_tables):  # rows padded with block 0, never read
+            table[i * max_blocks:i * max_blocks + len(blocks)] = blocks
+        argmax = (ctypes.c_int32 * n)()
         status = self.library.pd_decode_step(
-            ctypes.byref(self.struct), num_reqs,
-            ctypes.cast(input_ids.data_ptr(), _i64p), ctypes.cast(block_table.data_ptr(), _i32p),
-            max_blocks, ctypes.cast(seq_lens.data_ptr(), _i32p),
-            ctypes.cast(kv_cache.data_ptr(), _f32p), ctypes.cast(logits.data_ptr(), _f32p),
+            ctypes.byref(self.struct), n, (ctypes.c_int64 * n)(*token_ids), table, max_blocks,
+            (ctypes.c_int32 * n)(*seq_lens), self.kv_cache.data_ptr(), logits.data_ptr(), argmax,
             torch.get_num_threads(),
         )
         if status != 0:
             raise RuntimeError(f"native decode step refused its inputs: {_ERRORS.get(status, status)}")
-        return logits
+        return DecodeStepOutput(logits, list(argmax))
 
 
 def stream_sum(buffers: Sequence[torch.Tensor]) -> float:

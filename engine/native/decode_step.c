@@ -197,6 +197,32 @@ static void matvec_shared(row_share *shares, const float *W, int in, int rows, c
     }
 }
 
+/* Whether logit v at index r beats the best so far (b at bi): the larger value, the lower index
+ * on a tie, and NaN above everything (numpy's and torch's argmax return the first NaN). */
+static inline int beats(float v, int32_t r, float b, int32_t bi) {
+    if (isnan(v)) return !isnan(b) || r < bi;
+    return !isnan(b) && (v > b || (v == b && r < bi));
+}
+
+/* The LM head: logits (n, vocab) = W x, shared out like every projection; each thread also
+ * keeps, per input, the largest logit of the rows it wrote (best, best_id: (n) each), read
+ * while those rows are still in L1. */
+static void lm_head_shared(row_share *shares, const float *W, int in, int vocab, const float *x, int n,
+                           float *logits, float *best, int32_t *best_id) {
+    for (int i = 0; i < n; i++) best[i] = -INFINITY, best_id[i] = INT32_MAX;
+    int q0, q1;
+    while (next_quads(shares, &q0, &q1)) {
+        const int r0 = 4 * q0, r1 = 4 * q1 < vocab ? 4 * q1 : vocab;
+        matvec_rows(W, in, r0, r1, x, in, n, NULL, logits, vocab, 0);
+        for (int i = 0; i < n; i++) {
+            const float *row = logits + (size_t)i * vocab;
+            for (int r = r0; r < r1; r++) {
+                if (beats(row[r], r, best[i], best_id[i])) best[i] = row[r], best_id[i] = r;
+            }
+        }
+    }
+}
+
 /* ---- the step -------------------------------------------------------------------------- */
 
 typedef struct {
@@ -209,12 +235,11 @@ typedef struct {
     float *partials; /* (tasks, heads, head_dim + 2): a task's unnormalised output, max, sum */
     float *scratch;  /* (threads, heads * block_size): a task's scores */
     row_share *shares; /* (layers * PROJECTIONS + 1, threads): the work split of each projection */
+    float *best;       /* (threads, n): each thread's largest logit per input, and its index */
+    int32_t *best_id;  /* (threads, n) */
 } buffers;
 
-enum { PROJECTIONS = 4 };
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES (128 * 1024)
-#endif /* per layer: qkv, o, gate_up, down; then the LM head */
+enum { PROJECTIONS = 4 }; /* per layer: qkv, o, gate_up, down; then the LM head */
 
 /* Attention runs as one task per request and KV block: each task reads its block's keys and
  * values of this layer, one contiguous stretch each, for every head, and keeps its own softmax
@@ -263,34 +288,22 @@ static void rotate_and_store(const pd_model *m, const pd_layer *L, int layer, co
     }
 }
 
+/* Reads one float of every cache line of [p, p + n) with independent loads, front to back. The
+ * KV cache was last read a step ago, so a task's block comes from memory; read the way the
+ * scores and the weighted sum read it (a head at a time, 256-byte pieces 768 bytes apart), it
+ * arrives one strided miss after another, at a third of streaming speed. A sequential sweep
+ * first is followed by the hardware prefetchers and brings the block in at streaming speed. */
+static inline void warm_lines(const float *p, size_t n) {
+    float sink = 0.0f;
+    for (size_t k = 0; k < n; k += 16) sink += p[k];
+    __asm__ volatile("" : : "x"(sink)); /* the loads are the point: keep them */
+}
+
 /* This thread's share [*t0, *t1) of the layer's attention tasks: a contiguous run. */
 static void thread_tasks(int num_tasks, int *t0, int *t1) {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     *t0 = (int)((int64_t)num_tasks * id / nt);
     *t1 = (int)((int64_t)num_tasks * (id + 1) / nt);
-}
-
-/* Asks for tasks [t0, t1)'s keys and values of this layer ahead of their use, up to `budget`
- * bytes: the KV cache was last read a step ago, so it comes from memory, and a task alone
- * reads too little at a time to keep the memory busy. */
-static void prefetch_tasks(const pd_model *m, int layer, const step_inputs *in, int t0, int t1, size_t budget) {
-    const kv_strides st = strides_of(m);
-    const int bs = m->block_size;
-    int i = 0;
-    for (int t = t0; t < t1; t++) {
-        while (t >= in->task_start[i + 1]) i++;
-        const int blk = t - in->task_start[i], seq_len = in->seq_lens[i];
-        const int count = seq_len - blk * bs < bs ? seq_len - blk * bs : bs;
-        const char *keys = (const char *)(in->kv_cache + in->block_table[(size_t)i * in->max_blocks + blk] * st.block
-                                          + (size_t)layer * 2 * st.half);
-        const size_t bytes = (size_t)count * st.token * sizeof(float);
-        if (2 * bytes > budget) return;
-        budget -= 2 * bytes;
-        for (size_t off = 0; off < bytes; off += 64) {
-            __builtin_prefetch(keys + off, 0, 3);
-            __builtin_prefetch(keys + st.half * sizeof(float) + off, 0, 3);
-        }
-    }
 }
 
 /* Task t: request i's positions in its block b, for every head. */
@@ -304,6 +317,8 @@ static void attention_task(const pd_model *m, int layer, int t, const step_input
     const kv_strides st = strides_of(m);
     const float *keys = in->kv_cache + in->block_table[(size_t)i * in->max_blocks + blk] * st.block
                         + (size_t)layer * 2 * st.half; /* (block_size, kv_heads, head_dim) */
+    warm_lines(keys, (size_t)count * st.token);
+    warm_lines(keys + st.half, (size_t)count * st.token);
     const float *q = b->qkv + (size_t)i * (H + 2 * KVH) * hd; /* (heads, head_dim), rotated */
     float *scores = b->scratch + (size_t)omp_get_thread_num() * H * bs; /* (heads, block_size) */
     const float scale = 1.0f / sqrtf((float)hd);
@@ -381,13 +396,12 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
     row_share *shares = b->shares + (size_t)layer * PROJECTIONS * omp_get_num_threads();
     const int nt = omp_get_num_threads();
 
-    int t0, t1;
-    thread_tasks(in->num_tasks, &t0, &t1);
     rms_norm_rows(b->x, L->input_norm, n, D, m->eps, normed);
     matvec_shared(shares, L->qkv, D, qkv_out, normed, D, n, L->qkv_bias, b->qkv, qkv_out, 0);
-    prefetch_tasks(m, layer, in, t0, t1, PREFETCH_BYTES);
 #pragma omp barrier
     rotate_and_store(m, L, layer, in, b->qkv);
+    int t0, t1;
+    thread_tasks(in->num_tasks, &t0, &t1);
     for (int t = t0; t < t1; t++) attention_task(m, layer, t, in, b);
 #pragma omp barrier /* every partial result is in */
     merge_attention(m, in, b->partials, b->attn);
@@ -426,10 +440,11 @@ static int check_inputs(const pd_model *m, int n, const int64_t *token_ids,
     return PD_OK;
 }
 
-/* Runs one decode step for n requests, each with one new token; writes logits (n, vocab). */
+/* Runs one decode step for n requests, each with one new token; writes logits (n, vocab) and
+ * each row's argmax (n) (the first index of its largest value, as torch's argmax). */
 int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int32_t *block_table,
                    int max_blocks, const int32_t *seq_lens, float *kv_cache, float *logits,
-                   int num_threads) {
+                   int32_t *argmax, int num_threads) {
     int status = check_inputs(m, n, token_ids, block_table, max_blocks, seq_lens);
     if (status != PD_OK) return status;
     const int D = m->hidden, hd = m->head_dim, I = m->intermediate;
@@ -442,12 +457,14 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         task_start[i + 1] = task_start[i] + (seq_lens[i] + m->block_size - 1) / m->block_size;
     step_inputs in = {n, max_blocks, task_start[n], block_table, seq_lens, task_start, kv_cache};
     const int num_shares = (m->num_layers * PROJECTIONS + 1) * num_threads;
-    size_t sizes[8] = {(size_t)n * D, (size_t)num_threads * n * D, (size_t)n * qkv_out,
-                       (size_t)n * q_size, (size_t)n * 2 * I, (size_t)n * I,
-                       (size_t)in.num_tasks * m->num_heads * (hd + 2),
-                       (size_t)num_threads * m->num_heads * m->block_size};
+    enum { PARTS = 10 };
+    size_t sizes[PARTS] = {(size_t)n * D, (size_t)num_threads * n * D, (size_t)n * qkv_out,
+                           (size_t)n * q_size, (size_t)n * 2 * I, (size_t)n * I,
+                           (size_t)in.num_tasks * m->num_heads * (hd + 2),
+                           (size_t)num_threads * m->num_heads * m->block_size,
+                           (size_t)num_threads * n, (size_t)num_threads * n};
     size_t total = 0;
-    for (int k = 0; k < 8; k++) total += (sizes[k] + 15) & ~(size_t)15; /* 64-byte aligned parts */
+    for (int k = 0; k < PARTS; k++) total += (sizes[k] + 15) & ~(size_t)15; /* 64-byte aligned parts */
     float *arena = aligned_alloc(64, total * sizeof(float));
     row_share *shares = aligned_alloc(64, sizeof(row_share) * num_shares);
     if (!arena || !shares) {
@@ -457,13 +474,17 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         return PD_NO_MEMORY;
     }
     buffers b;
-    float **parts[8] = {&b.x, &b.normed, &b.qkv, &b.attn, &b.gate_up, &b.act, &b.partials, &b.scratch};
+    float *best_id; /* int32 values in float-sized slots */
+    float **parts[PARTS] = {&b.x, &b.normed, &b.qkv, &b.attn, &b.gate_up, &b.act, &b.partials, &b.scratch,
+                            &b.best, &best_id};
     size_t offset = 0;
-    for (int k = 0; k < 8; k++) {
+    for (int k = 0; k < PARTS; k++) {
         *parts[k] = arena + offset;
         offset += (sizes[k] + 15) & ~(size_t)15;
     }
     b.shares = shares;
+    b.best_id = (int32_t *)best_id;
+    int team = 1;
     for (int i = 0; i < n; i++) memcpy(b.x + (size_t)i * D, m->embed + (size_t)token_ids[i] * D, sizeof(float) * D);
 
 #pragma omp parallel num_threads(num_threads)
@@ -482,7 +503,20 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         for (int layer = 0; layer < m->num_layers; layer++) layer_step(m, layer, &in, &b);
         float *normed = b.normed + (size_t)omp_get_thread_num() * n * D;
         rms_norm_rows(b.x, m->final_norm, n, D, m->eps, normed);
-        matvec_shared(head_shares, m->lm_head, D, m->vocab, normed, D, n, NULL, logits, m->vocab, 0);
+        const int id = omp_get_thread_num();
+        lm_head_shared(head_shares, m->lm_head, D, m->vocab, normed, n, logits, b.best + (size_t)id * n,
+                       b.best_id + (size_t)id * n);
+        if (id == 0) team = nt;
+    }
+    for (int i = 0; i < n; i++) {
+        float best = -INFINITY;
+        int32_t best_id = INT32_MAX;
+        for (int t = 0; t < team; t++) {
+            const float v = b.best[(size_t)t * n + i];
+            const int32_t r = b.best_id[(size_t)t * n + i];
+            if (r != INT32_MAX && beats(v, r, best, best_id)) best = v, best_id = r;
+        }
+        argmax[i] = best_id;
     }
     free(arena);
     free(shares);
