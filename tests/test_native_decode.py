@@ -16,8 +16,9 @@ from engine.llm_engine import LLMEngine
 import engine.model_runner
 from engine.native import CpuDecodeStep, NativeBuildError
 from engine.sampling_params import SamplingParams
+from tests.tiny_models import write_tiny_checkpoint
 
-ARCHS = ("llama3", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama3", "mistral", "qwen2", "qwen3", "llama_odd")
 MAX_NATIVE_ROWS = 6
 
 
@@ -52,7 +53,7 @@ def _count_native_steps(engine: LLMEngine) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_native_steps_match_torch_ops(tiny_checkpoints, arch, monkeypatch):
+def test_native_steps_match_torch_ops(tiny_checkpoints, tmp_path, arch, monkeypatch):
     """Mixed prompt lengths (block boundaries crossed at block_size 4), decode batches shrinking
     from past MAX_NATIVE_ROWS to 1 as requests finish one after another: same tokens, logprobs
     within 1e-4, and the same K/V in the cache."""
@@ -60,8 +61,9 @@ def test_native_steps_match_torch_ops(tiny_checkpoints, arch, monkeypatch):
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 23))]
                for _ in range(MAX_NATIVE_ROWS + 2)]
-    torch_engine = _engine(tiny_checkpoints[arch], "torch")
-    native_engine = _engine(tiny_checkpoints[arch], "native")
+    path = tiny_checkpoints.get(arch) or write_tiny_checkpoint(str(tmp_path / arch), arch)
+    torch_engine = _engine(path, "torch")
+    native_engine = _engine(path, "native")
     assert torch_engine.runner.native_decode is None
     sizes = _count_native_steps(native_engine)
     # One request alone first (batch-1 steps), then all of them at once.

@@ -14,7 +14,7 @@ from engine.attention.base import AttentionMetadata, ForwardContext
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.model.config import ModelArchConfig
 
-TINY_ARCHS = ("llama3", "mistral", "qwen2", "qwen3", "llama_tied")
+TINY_ARCHS = ("llama3", "mistral", "qwen2", "qwen3", "llama_tied", "llama_odd")
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 CHAT_TEMPLATE = (
@@ -50,6 +50,12 @@ def _hf_config(arch: str):
     if arch == "llama_tied":
         # Multi-query attention too: one KV head shared by all four query heads.
         return tf.LlamaConfig(**{**_COMMON, "num_key_value_heads": 1}, tie_word_embeddings=True)
+    if arch == "llama_odd":
+        # Sizes that are not multiples of 8 (nor the intermediate size of 4): the native step's
+        # padded weight layout and its partial blocks.
+        odd = {**_COMMON, "hidden_size": 60, "intermediate_size": 90, "num_attention_heads": 3,
+               "num_key_value_heads": 1}
+        return tf.LlamaConfig(**odd, tie_word_embeddings=True)
     if arch == "mistral":
         return tf.MistralConfig(**_COMMON, sliding_window=None, tie_word_embeddings=False)
     if arch == "qwen2":
