@@ -229,7 +229,8 @@ typedef struct {
     float *x;        /* (n, hidden): the residual stream */
     float *normed;   /* (threads, n, hidden): each thread's normalised copy of x */
     float *qkv;      /* (n, qkv_out); q and k normed and rotated in place before attention */
-    float *attn;     /* (n, q_size): the merged attention output */
+    float *attn;     /* (threads, n, q_size): the merged attention output (only the first when shared) */
+    float *q_rot;    /* (threads, n, q_size): each thread's rotated queries */
     float *gate_up;  /* (n, 2 * intermediate) */
     float *act;      /* (n, intermediate) */
     float *partials; /* (tasks, heads, head_dim + 2): a task's unnormalised output, max, sum */
@@ -239,7 +240,8 @@ typedef struct {
     int32_t *best_id;  /* (threads, n) */
 } buffers;
 
-enum { PROJECTIONS = 4 }; /* per layer: qkv, o, gate_up, down; then the LM head */
+enum { PROJECTIONS = 4 };
+enum { PRIVATE_MERGE_MAX = 4 }; /* up to this many requests, every thread merges attention itself */ /* per layer: qkv, o, gate_up, down; then the LM head */
 
 /* Attention runs as one task per request and KV block: each task reads its block's keys and
  * values of this layer, one contiguous stretch each, for every head, and keeps its own softmax
@@ -265,25 +267,38 @@ static kv_strides strides_of(const pd_model *m) {
     return st;
 }
 
-/* q and k of every request get Qwen3's per-head norm (when the model has one) and rope, in
- * place; this step's K and V go into the cache, where attention reads them with the rest. */
-static void rotate_and_store(const pd_model *m, const pd_layer *L, int layer, const step_inputs *in,
-                             float *qkv) {
+/* Before a thread runs its attention tasks [t0, t1): it rotates the queries of the requests
+ * those tasks cover into its own q_rot (n, heads, head_dim), with Qwen3's per-head norm when the
+ * model has one. The thread that holds a request's last block also writes this step's key
+ * (normed and rotated) and value into the cache: only that block's task reads them. So no
+ * barrier separates the QKV projection's barrier from attention. */
+static void prepare_tasks(const pd_model *m, const pd_layer *L, int layer, const step_inputs *in, int t0, int t1,
+                          const float *qkv, float *q_rot) {
     const int H = m->num_heads, KVH = m->num_kv_heads, hd = m->head_dim, bs = m->block_size;
     const kv_strides st = strides_of(m);
-#pragma omp for schedule(static) /* implicit barrier: attention reads every head */
-    for (int item = 0; item < in->n * (H + KVH); item++) {
-        const int i = item / (H + KVH), head = item % (H + KVH), pos = in->seq_lens[i] - 1;
-        float *vec = qkv + (size_t)i * (H + 2 * KVH) * hd + (size_t)head * hd;
-        const float *norm = head < H ? L->q_norm : L->k_norm;
-        if (norm) rms_norm(vec, norm, hd, m->eps, vec);
-        apply_rope(vec, m->rope + (size_t)pos * 2 * hd, hd);
-        if (head >= H) {
-            const int32_t block = in->block_table[(size_t)i * in->max_blocks + pos / bs];
-            float *slot = in->kv_cache + block * st.block + (size_t)layer * 2 * st.half
-                          + (size_t)(pos % bs) * st.token + (size_t)(head - H) * hd;
-            memcpy(slot, vec, sizeof(float) * hd);
-            memcpy(slot + st.half, vec + (size_t)KVH * hd, sizeof(float) * hd); /* V follows K */
+    if (t0 >= t1) return;
+    int i = 0;
+    while (t0 >= in->task_start[i + 1]) i++;
+    for (; i < in->n && in->task_start[i] < t1; i++) {
+        const int pos = in->seq_lens[i] - 1;
+        const float *cos_sin = m->rope + (size_t)pos * 2 * hd;
+        const float *src = qkv + (size_t)i * (H + 2 * KVH) * hd;
+        for (int h = 0; h < H; h++) {
+            float *q = q_rot + ((size_t)i * H + h) * hd;
+            if (L->q_norm) rms_norm(src + (size_t)h * hd, L->q_norm, hd, m->eps, q);
+            else memcpy(q, src + (size_t)h * hd, sizeof(float) * hd);
+            apply_rope(q, cos_sin, hd);
+        }
+        const int last = in->task_start[i + 1] - 1;
+        if (last < t0 || last >= t1) continue;
+        const int32_t block = in->block_table[(size_t)i * in->max_blocks + pos / bs];
+        float *slot = in->kv_cache + block * st.block + (size_t)layer * 2 * st.half + (size_t)(pos % bs) * st.token;
+        for (int g = 0; g < KVH; g++) {
+            float *k = slot + (size_t)g * hd;
+            if (L->k_norm) rms_norm(src + (size_t)(H + g) * hd, L->k_norm, hd, m->eps, k);
+            else memcpy(k, src + (size_t)(H + g) * hd, sizeof(float) * hd);
+            apply_rope(k, cos_sin, hd);
+            memcpy(k + st.half, src + (size_t)(H + KVH + g) * hd, sizeof(float) * hd); /* V follows K */
         }
     }
 }
@@ -307,7 +322,8 @@ static void thread_tasks(int num_tasks, int *t0, int *t1) {
 }
 
 /* Task t: request i's positions in its block b, for every head. */
-static void attention_task(const pd_model *m, int layer, int t, const step_inputs *in, buffers *b) {
+static void attention_task(const pd_model *m, int layer, int t, const step_inputs *in, const float *q_rot,
+                           buffers *b) {
     const int H = m->num_heads, KVH = m->num_kv_heads, hd = m->head_dim, bs = m->block_size;
     const int G = H / KVH;
     int i = 0;
@@ -319,7 +335,7 @@ static void attention_task(const pd_model *m, int layer, int t, const step_input
                         + (size_t)layer * 2 * st.half; /* (block_size, kv_heads, head_dim) */
     warm_lines(keys, (size_t)count * st.token);
     warm_lines(keys + st.half, (size_t)count * st.token);
-    const float *q = b->qkv + (size_t)i * (H + 2 * KVH) * hd; /* (heads, head_dim), rotated */
+    const float *q = q_rot + (size_t)i * H * hd; /* (heads, head_dim), rotated */
     float *scores = b->scratch + (size_t)omp_get_thread_num() * H * bs; /* (heads, block_size) */
     const float scale = 1.0f / sqrtf((float)hd);
 
@@ -361,13 +377,13 @@ static void attention_task(const pd_model *m, int layer, int t, const step_input
     }
 }
 
-/* out (n, q_size) = the softmax-weighted merge of every task's partial output, one (request,
- * head) at a time, split across the team; no barrier at the end. */
-static void merge_attention(const pd_model *m, const step_inputs *in, const float *partials, float *out) {
+/* out (n, q_size) = the softmax-weighted merge of every task's partial output, for the (request,
+ * head) items [item0, item1). */
+static void merge_attention(const pd_model *m, const step_inputs *in, const float *partials, float *out,
+                            int item0, int item1) {
     const int H = m->num_heads, hd = m->head_dim;
     const size_t task_stride = (size_t)H * (hd + 2);
-#pragma omp for schedule(static) nowait
-    for (int item = 0; item < in->n * H; item++) {
+    for (int item = item0; item < item1; item++) {
         const int i = item / H, h = item % H;
         const int first = in->task_start[i], tasks = in->task_start[i + 1] - first;
         const float *head = partials + ((size_t)first * H + h) * (hd + 2);
@@ -399,14 +415,24 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
     rms_norm_rows(b->x, L->input_norm, n, D, m->eps, normed);
     matvec_shared(shares, L->qkv, D, qkv_out, normed, D, n, L->qkv_bias, b->qkv, qkv_out, 0);
 #pragma omp barrier
-    rotate_and_store(m, L, layer, in, b->qkv);
     int t0, t1;
     thread_tasks(in->num_tasks, &t0, &t1);
-    for (int t = t0; t < t1; t++) attention_task(m, layer, t, in, b);
+    float *q_rot = b->q_rot + (size_t)omp_get_thread_num() * n * q_size;
+    prepare_tasks(m, L, layer, in, t0, t1, b->qkv, q_rot);
+    for (int t = t0; t < t1; t++) attention_task(m, layer, t, in, q_rot, b);
 #pragma omp barrier /* every partial result is in */
-    merge_attention(m, in, b->partials, b->attn);
+    float *attn = b->attn;
+    if (n <= PRIVATE_MERGE_MAX) {
+        /* A few requests: each thread merges all of them into its own copy, sparing a barrier. */
+        attn += (size_t)omp_get_thread_num() * n * q_size;
+        merge_attention(m, in, b->partials, attn, 0, n * m->num_heads);
+    } else {
+        int item0, item1;
+        thread_tasks(n * m->num_heads, &item0, &item1);
+        merge_attention(m, in, b->partials, attn, item0, item1);
 #pragma omp barrier
-    matvec_shared(shares + nt, L->o, q_size, D, b->attn, q_size, n, NULL, b->x, D, 1); /* x += o(attn) */
+    }
+    matvec_shared(shares + nt, L->o, q_size, D, attn, q_size, n, NULL, b->x, D, 1); /* x += o(attn) */
 #pragma omp barrier
     rms_norm_rows(b->x, L->post_norm, n, D, m->eps, normed);
     /* Gate rows [j0, j1) with the matching up rows: then act's columns [j0, j1) are complete. */
@@ -457,9 +483,10 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         task_start[i + 1] = task_start[i] + (seq_lens[i] + m->block_size - 1) / m->block_size;
     step_inputs in = {n, max_blocks, task_start[n], block_table, seq_lens, task_start, kv_cache};
     const int num_shares = (m->num_layers * PROJECTIONS + 1) * num_threads;
-    enum { PARTS = 10 };
+    enum { PARTS = 11 };
     size_t sizes[PARTS] = {(size_t)n * D, (size_t)num_threads * n * D, (size_t)n * qkv_out,
-                           (size_t)n * q_size, (size_t)n * 2 * I, (size_t)n * I,
+                           (size_t)num_threads * n * q_size, (size_t)num_threads * n * q_size,
+                           (size_t)n * 2 * I, (size_t)n * I,
                            (size_t)in.num_tasks * m->num_heads * (hd + 2),
                            (size_t)num_threads * m->num_heads * m->block_size,
                            (size_t)num_threads * n, (size_t)num_threads * n};
@@ -475,8 +502,8 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
     }
     buffers b;
     float *best_id; /* int32 values in float-sized slots */
-    float **parts[PARTS] = {&b.x, &b.normed, &b.qkv, &b.attn, &b.gate_up, &b.act, &b.partials, &b.scratch,
-                            &b.best, &best_id};
+    float **parts[PARTS] = {&b.x, &b.normed, &b.qkv, &b.attn, &b.q_rot, &b.gate_up, &b.act, &b.partials,
+                            &b.scratch, &b.best, &best_id};
     size_t offset = 0;
     for (int k = 0; k < PARTS; k++) {
         *parts[k] = arena + offset;
