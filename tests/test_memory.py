@@ -37,3 +37,20 @@ def test_parameters_move_into_one_region_in_order():
     x = torch.randn(2, 700)
     expected = torch.nn.functional.linear(torch.nn.functional.linear(x, params[0], params[1]), params[2])
     assert torch.allclose(model(x), expected)
+
+
+def test_torch_decode_path_keeps_one_copy_of_the_weights(tiny_checkpoints):
+    """Decoding with torch ops makes the projections column-major; that happens inside the
+    parameters' shared region, which therefore holds the weights once, not twice."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    options = {"dtype": "float32", "device": "cpu", "num_blocks": 16, "decode_kernel": "torch"}
+    engine = LLMEngine(EngineConfig.from_options(tiny_checkpoints["llama3"], **options), None, False)
+    model = engine.loaded.model
+    params = list(model.parameters())
+    qkv = model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.stride() == (1, qkv.shape[0])  # column-major, as the torch path wants
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    assert sum(storages.values()) <= param_bytes + 64 * len(params)

@@ -239,7 +239,12 @@ class LlamaForCausalLM(nn.Module):
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, nn.Linear):
-                    module.weight.data = module.weight.data.t().contiguous().t()
+                    # In place, in the weight's own memory: the loader puts every parameter in one
+                    # region (engine.memory), which a fresh copy would leave allocated beside it.
+                    weight = module.weight.data
+                    column_major = weight.as_strided(weight.shape, (1, weight.shape[0]))
+                    column_major.copy_(weight.clone())
+                    module.weight.data = column_major
             if self.lm_head is None:
                 self._head_weight = self.embed_tokens.weight.t().contiguous().t()
             else:

@@ -240,8 +240,8 @@ typedef struct {
     int32_t *best_id;  /* (threads, n) */
 } buffers;
 
-enum { PROJECTIONS = 4 };
-enum { PRIVATE_MERGE_MAX = 4 }; /* up to this many requests, every thread merges attention itself */ /* per layer: qkv, o, gate_up, down; then the LM head */
+enum { PROJECTIONS = 4 }; /* per layer: qkv, o, gate_up, down; then the LM head */
+enum { PRIVATE_MERGE_MAX = 4 }; /* up to this many requests, every thread merges attention itself */
 
 /* Attention runs as one task per request and KV block: each task reads its block's keys and
  * values of this layer, one contiguous stretch each, for every head, and keeps its own softmax
