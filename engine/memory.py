@@ -10,6 +10,7 @@ MADV_HUGEPAGE when transparent huge pages are "always" or "madvise" (a common de
 """
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -36,11 +37,8 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """torch.zeros(shape, dtype=dtype) on huge pages."""
-    numel = 1
-    for size in shape:
-        numel *= size
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return huge_page_bytes(numel * itemsize).view(dtype).view(shape)
+    return huge_page_bytes(math.prod(shape) * itemsize).view(dtype).view(shape)
 
 
 def place_parameters_on_huge_pages(module: torch.nn.Module) -> None:

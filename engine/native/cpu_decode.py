@@ -2,8 +2,8 @@
 
 `CpuDecodeStep.create(model, kv_cache)` gathers pointers to every weight once; each call then
 runs one decode step (one new token for each of up to MAX_NATIVE_ROWS requests) in a single
-native call and returns the logits. The model's tensors are kept referenced here, so the pointers stay valid for
-as long as this object lives.
+native call and returns the logits with each row's argmax. The model's tensors are kept
+referenced here, so the pointers stay valid for as long as this object lives.
 """
 from __future__ import annotations
 

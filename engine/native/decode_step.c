@@ -228,7 +228,7 @@ static void lm_head_shared(row_share *shares, const float *W, int in, int vocab,
 typedef struct {
     float *x;        /* (n, hidden): the residual stream */
     float *normed;   /* (threads, n, hidden): each thread's normalised copy of x */
-    float *qkv;      /* (n, qkv_out); q and k normed and rotated in place before attention */
+    float *qkv;      /* (n, qkv_out), as projected: prepare_tasks norms and rotates copies */
     float *attn;     /* (threads, n, q_size): the merged attention output (only the first when shared) */
     float *q_rot;    /* (threads, n, q_size): each thread's rotated queries */
     float *gate_up;  /* (n, 2 * intermediate) */
@@ -314,11 +314,11 @@ static inline void warm_lines(const float *p, size_t n) {
     __asm__ volatile("" : : "x"(sink)); /* the loads are the point: keep them */
 }
 
-/* This thread's share [*t0, *t1) of the layer's attention tasks: a contiguous run. */
-static void thread_tasks(int num_tasks, int *t0, int *t1) {
+/* This thread's share [*first, *end) of `count` items (attention tasks, merge items): a contiguous run. */
+static void thread_share(int count, int *first, int *end) {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    *t0 = (int)((int64_t)num_tasks * id / nt);
-    *t1 = (int)((int64_t)num_tasks * (id + 1) / nt);
+    *first = (int)((int64_t)count * id / nt);
+    *end = (int)((int64_t)count * (id + 1) / nt);
 }
 
 /* Task t: request i's positions in its block b, for every head. */
@@ -416,7 +416,7 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
     matvec_shared(shares, L->qkv, D, qkv_out, normed, D, n, L->qkv_bias, b->qkv, qkv_out, 0);
 #pragma omp barrier
     int t0, t1;
-    thread_tasks(in->num_tasks, &t0, &t1);
+    thread_share(in->num_tasks, &t0, &t1);
     float *q_rot = b->q_rot + (size_t)omp_get_thread_num() * n * q_size;
     prepare_tasks(m, L, layer, in, t0, t1, b->qkv, q_rot);
     for (int t = t0; t < t1; t++) attention_task(m, layer, t, in, q_rot, b);
@@ -428,7 +428,7 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
         merge_attention(m, in, b->partials, attn, 0, n * m->num_heads);
     } else {
         int item0, item1;
-        thread_tasks(n * m->num_heads, &item0, &item1);
+        thread_share(n * m->num_heads, &item0, &item1);
         merge_attention(m, in, b->partials, attn, item0, item1);
 #pragma omp barrier
     }
@@ -501,17 +501,17 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         return PD_NO_MEMORY;
     }
     buffers b;
-    float *best_id; /* int32 values in float-sized slots */
+    float *best_id_slots; /* int32 values in float-sized slots */
     float **parts[PARTS] = {&b.x, &b.normed, &b.qkv, &b.attn, &b.q_rot, &b.gate_up, &b.act, &b.partials,
-                            &b.scratch, &b.best, &best_id};
+                            &b.scratch, &b.best, &best_id_slots};
     size_t offset = 0;
     for (int k = 0; k < PARTS; k++) {
         *parts[k] = arena + offset;
         offset += (sizes[k] + 15) & ~(size_t)15;
     }
     b.shares = shares;
-    b.best_id = (int32_t *)best_id;
-    int team = 1;
+    b.best_id = (int32_t *)best_id_slots;
+    for (int k = 0; k < num_threads * n; k++) b.best_id[k] = INT32_MAX; /* threads left out of the team */
     for (int i = 0; i < n; i++) memcpy(b.x + (size_t)i * D, m->embed + (size_t)token_ids[i] * D, sizeof(float) * D);
 
 #pragma omp parallel num_threads(num_threads)
@@ -533,12 +533,11 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         const int id = omp_get_thread_num();
         lm_head_shared(head_shares, m->lm_head, D, m->vocab, normed, n, logits, b.best + (size_t)id * n,
                        b.best_id + (size_t)id * n);
-        if (id == 0) team = nt;
     }
     for (int i = 0; i < n; i++) {
         float best = -INFINITY;
         int32_t best_id = INT32_MAX;
-        for (int t = 0; t < team; t++) {
+        for (int t = 0; t < num_threads; t++) {
             const float v = b.best[(size_t)t * n + i];
             const int32_t r = b.best_id[(size_t)t * n + i];
             if (r != INT32_MAX && beats(v, r, best, best_id)) best = v, best_id = r;
