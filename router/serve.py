@@ -44,7 +44,10 @@ def init_ray(address: str | None, num_workers: int) -> None:
         return
     # Workers import pdserve from this checkout even when it is not pip-installed.
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # "local": a private instance of our own, even when `ray start` left a cluster (or the
+    # address file of a dead one) on this machine; plain ray.init() would try to join it.
     ray.init(
+        address="local",
         num_cpus=max(os.cpu_count() or 1, num_workers),  # one logical CPU per worker actor
         include_dashboard=False,
         logging_level=logging.WARNING,
