@@ -34,9 +34,7 @@ class EmbeddedCluster:
         self._done: Future | None = None
 
     def __enter__(self) -> "EmbeddedCluster":
-        pools = self.config.pools
-        init_ray(self.config.ray_address,
-                 pools.num_decode_workers + pools.num_prefill_workers)
+        init_ray(self.config.ray_address, self.config.pools.num_workers)
         self.thread.start()
         ready: Future = Future()
         self._done = asyncio.run_coroutine_threadsafe(self._serve(ready), self.loop)

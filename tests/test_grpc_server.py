@@ -69,6 +69,7 @@ class FakeBackend:
         self.hang_after, self.queue_full, self.fail_after = hang_after, queue_full, fail_after
         self.cached_tokens = cached_tokens
         self.calls: list[tuple[str, list[int], SamplingParams]] = []
+        self.priorities: list[int] = []
         self.aborted: list[str] = []
         self.abort_event = asyncio.Event()
         self._never = asyncio.Event()
@@ -80,8 +81,10 @@ class FakeBackend:
         self.aborted.append(request_id)
         self.abort_event.set()
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 priority: int = 0) -> AsyncIterator[TokenDelta]:
         self.calls.append((request_id, prompt_ids, params))
+        self.priorities.append(priority)
         if self.queue_full == "call":
             raise QueueFullError("8 requests waiting")
         return self._steps(request_id, params)
