@@ -108,8 +108,12 @@ class ClusterBackend:
             raise BackendError(f"request id {request_id!r} is already in flight on this router")
         self._check_fits(prompt_token_ids, params)
         entry = QueuedRequest(request_id, prompt_token_ids, params, priority)
-        self.queue.put(entry)  # QueueFullError when full
         stream = self.streams[request_id] = _Stream(entry)
+        try:
+            self.dispatcher.submit(entry)  # placed now, or queued; QueueFullError when full
+        except BaseException:
+            del self.streams[request_id]
+            raise
         try:
             try:
                 stream.placement = await entry.placed

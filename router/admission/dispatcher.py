@@ -54,13 +54,20 @@ class Dispatcher:
         self._admits: set[asyncio.Task] = set()
         self._no_workers_since: float | None = None
 
+    def submit(self, entry: QueuedRequest) -> None:
+        """Place a new request now if nothing waits ahead of it and a worker has room, else
+        queue it (QueueFullError when the queue is full): only requests that wait count."""
+        if self.queue.peek() is None and self._dispatch(entry, queued=False):
+            return
+        self.queue.put(entry)
+
     async def run(self) -> None:
         while True:
             entry = self.queue.peek()
             if entry is None:
                 await self.queue.wait_changed(1.0)
                 continue
-            if not self._dispatch(entry):
+            if not self._dispatch(entry, queued=True):
                 self._fail_all_if_no_workers()
                 await self._wait_for_capacity(0.05)
 
@@ -84,8 +91,9 @@ class Dispatcher:
             request.cached_blocks = self.index.longest_prefixes(hashes, [w.key for w in workers])
         return request
 
-    def _dispatch(self, entry: QueuedRequest) -> bool:
-        """Send the head request to a worker; False when none can take it now."""
+    def _dispatch(self, entry: QueuedRequest, queued: bool) -> bool:
+        """Send the request (the queue's head when queued) to a worker; False when none can
+        take it now."""
         decode_workers = self.view.of_role(self.decode_role)
         prefill_workers = self.view.of_role("prefill")
         self._no_workers_since = None if decode_workers else (self._no_workers_since or time.monotonic())
@@ -97,7 +105,8 @@ class Dispatcher:
         prefill = self.policy.choose(prefill_workers, request) if prefill_workers else None
         plan = self.disaggregation.plan(request, decode, prefill)
         blocks = self._blocks_needed(decode, request)
-        self.queue.pop()
+        if queued:
+            self.queue.pop()
         decode.pending_admissions += 1
         decode.pending_blocks += blocks
         task = asyncio.get_running_loop().create_task(self._admit(entry, decode, prefill, plan, blocks))

@@ -116,15 +116,12 @@ class WorkerPools:
     async def _create(self) -> None:
         import ray
 
-        stale = await self.routers.read_pools()
-        if stale is not None:  # actors of a dead cluster may linger under these names
-            for name in stale.workers.values():
-                actor = find_actor(name)
-                if actor is not None:
-                    kill_actor(actor, name)
+        specs = self._worker_specs()
+        # This router holds the creation lock and no live pool spec exists, so an actor already
+        # under one of these names is an orphan of a dead cluster of the same name.
+        await asyncio.gather(*(remove_orphan(spec.actor_name) for spec in specs))
         cluster = ray.cluster_resources()
         gpus = cluster.get("GPU", 0) > 0
-        specs = self._worker_specs()
         actors = {spec.worker_id: create_actor(spec, cluster, gpus) for spec in specs}
         self.spec = PoolSpec(mode=self.config.mode, model=self.decode_engine.model,
                              workers={spec.worker_id: spec.actor_name for spec in specs},
@@ -195,6 +192,19 @@ class WorkerPools:
             await self.routers.forget_pools()
         except Exception as err:
             logger.warning("could not remove the pool spec from Redis: %s", err)
+
+
+async def remove_orphan(name: str, timeout_s: float = 30.0) -> None:
+    actor = find_actor(name)
+    if actor is None:
+        return
+    logger.warning("removing %s, left behind by a dead cluster of the same name", name)
+    kill_actor(actor, name)
+    deadline = time.monotonic() + timeout_s
+    while find_actor(name) is not None:  # the name is released once the actor is gone
+        if time.monotonic() > deadline:
+            raise ClusterStartError(f"the actor name {name} is still taken after {timeout_s:.0f}s")
+        await asyncio.sleep(0.1)
 
 
 def root_cause(err: BaseException) -> str:
