@@ -72,6 +72,18 @@ class RouterRegistry:
         return int(await self._leave(keys=[self.keys.router(self.router_id), self.keys.routers],
                                      args=[self.router_id, self.keys.router("")]))
 
+    async def others_alive(self, wait_s: float) -> list[str]:
+        """Other routers seen heartbeating within wait_s (their lease TTL went up): a router
+        killed just now still has a live lease, but renews it no more."""
+        import asyncio
+
+        others = [r for r in await self.live_routers() if r != self.router_id]
+        if not others:
+            return []
+        first = {r: await self.redis.pttl(self.keys.router(r)) for r in others}
+        await asyncio.sleep(wait_s)
+        return [r for r in others if await self.redis.pttl(self.keys.router(r)) > first[r]]
+
     async def live_routers(self) -> list[str]:
         ids = sorted(i.decode() for i in await self.redis.smembers(self.keys.routers))
         if not ids:

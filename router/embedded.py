@@ -63,9 +63,12 @@ class EmbeddedCluster:
                 ready.set_exception(err)
             raise
 
-    def run(self, coro, timeout: float = 120):
-        """Run a coroutine on the server's loop (e.g. backend.pools.stats())."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    def run(self, awaitable, timeout: float = 120):
+        """Await something on the server's loop: a coroutine (backend.pools.stats()) or a Ray
+        call (handle.actor.stats.remote())."""
+        async def wait():
+            return await awaitable
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result(timeout)
 
     def stub(self) -> pb_grpc.GenerationStub:
         return pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))

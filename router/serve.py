@@ -64,11 +64,13 @@ def init_ray(address: str | None, num_workers: int) -> None:
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
     # Workers import pdserve from this checkout even when it is not pip-installed.
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if address:
+        _use_ray_token_if_present()
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        return
     # "local": a private instance of our own, even when `ray start` left a cluster (or the
     # address file of a dead one) on this machine; plain ray.init() would try to join it.
     ray.init(
@@ -77,8 +79,20 @@ def init_ray(address: str | None, num_workers: int) -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
         object_store_memory=256 * 2**20,  # workers pass small messages; KV moves outside Ray
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        runtime_env=runtime_env,
     )
+
+
+def _use_ray_token_if_present() -> None:
+    """Join a cluster that runs Ray's token authentication (`ray start` turns it on when a token
+    exists, e.g. ~/.ray/auth_token): a driver only sends the token in token mode, which is what
+    `ray start` itself infers from the token's presence; RAY_AUTH_MODE set explicitly wins."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def load_tokenizer(model: str):
@@ -133,7 +147,7 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
                 follower = BlockIndexFollower(
                     redis, keys, lambda: [w.key for w in view.workers.values() if w.registered])
                 tasks += [asyncio.create_task(view.run()), asyncio.create_task(follower.run())]
-                backend = ClusterBackend(pools, view, follower.index, config.routing, config.router_id)
+                backend = ClusterBackend(pools, view, follower, config.routing, config.router_id)
                 await backend.start()
                 try:
                     yield backend
@@ -154,10 +168,16 @@ async def _pools_up(pools: WorkerPools, routers: RouterRegistry, join: bool) -> 
         yield
     finally:
         try:
-            others = await routers.leave()
+            # A router killed a moment ago still holds its lease; only one that renews counts.
+            alive = await routers.others_alive(2.5 * ROUTER_HEARTBEAT_S)
+            await routers.leave()
+            others = len(alive)
         except Exception as err:
             logger.warning("cannot tell whether other routers remain (%s); leaving the pools up", err)
             others = -1
+        if others > 0:
+            logger.info("routers %s still serve cluster %r: its workers stay up", ", ".join(alive),
+                        pools.context.cluster_name)
         if others == 0:
             logger.info("last router of cluster %r: stopping its workers", pools.context.cluster_name)
             await pools.take_down()

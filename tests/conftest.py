@@ -45,6 +45,14 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
             for arch in ("llama3", "mistral", "qwen2", "qwen3")}
 
 
+@pytest.fixture(scope="session")
+def long_tiny_checkpoint(tmp_path_factory) -> str:
+    """A small random Llama with an 8192-token context: streams that last seconds."""
+    from tests.tiny_models import LONG_ARCH, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / LONG_ARCH), LONG_ARCH)
+
+
 def assert_no_leaked_blocks(llm) -> None:
     """Every KV block is back in the pool once no request is running."""
     engine = llm.engine

@@ -73,11 +73,18 @@ def long_request(i: int, max_tokens: int = 200) -> pb.GenerateRequest:
 
 
 def pool_counters_at_baseline(server: EmbeddedCluster) -> bool:
-    workers = server.backend.view.workers.values()
-    stats = server.backend.stats()
-    return (workers_idle(server.wait_for_baseline()) and stats["queued"] == 0 and stats["streams"] == 0
-            and all(w.in_flight == w.pending_admissions == w.pending_blocks == w.prefill_tokens_in_flight == 0
-                    for w in workers))
+    """Every worker's blocks free and requests gone, and nothing held for them by the router."""
+    idle = workers_idle(server.wait_for_baseline())
+    deadline = time.monotonic() + 10  # the router's side settles as the aborts come back
+    while time.monotonic() < deadline:
+        stats = server.backend.stats()
+        counters = [(w.in_flight, w.pending_admissions, w.pending_blocks, w.prefill_tokens_in_flight)
+                    for w in server.backend.view.workers.values()]
+        if stats["queued"] == 0 and stats["streams"] == 0 and all(c == (0, 0, 0, 0) for c in counters):
+            return idle
+        time.sleep(0.05)
+    print("not at baseline:", stats, counters)
+    return False
 
 
 def test_a_full_queue_refuses_the_surplus_naming_the_limit(small_cluster):
