@@ -16,6 +16,9 @@ from router.pools import RAY_NAMESPACE
 def _kill_workers(ray_address: str, cluster_name: str) -> int:
     import ray
 
+    from router.serve import use_ray_token_if_present
+
+    use_ray_token_if_present()
     try:
         ray.init(address=ray_address, logging_level="ERROR")
     except ConnectionError as err:

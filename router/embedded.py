@@ -43,9 +43,26 @@ class EmbeddedCluster:
 
     def __exit__(self, *exc) -> None:
         self.loop.call_soon_threadsafe(self._stop.set)
-        self._done.result(timeout=120)
+        try:
+            self._done.result(timeout=120)
+        except TimeoutError:
+            self._dump_stuck_tasks()
+            raise
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+    def _dump_stuck_tasks(self) -> None:
+        """What the server's loop is still waiting on, when stopping it took too long."""
+        import faulthandler
+        import sys
+
+        def dump() -> None:
+            for task in asyncio.all_tasks(self.loop):
+                print(f"--- {task!r}", file=sys.stderr)
+                task.print_stack(file=sys.stderr)
+        self.loop.call_soon_threadsafe(dump)
+        time.sleep(1.0)
+        faulthandler.dump_traceback(file=sys.stderr)
 
     async def _serve(self, ready: Future) -> None:
         self._stop = asyncio.Event()

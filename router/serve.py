@@ -68,7 +68,7 @@ def init_ray(address: str | None, num_workers: int) -> None:
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
     if address:
-        _use_ray_token_if_present()
+        use_ray_token_if_present()
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return
     # "local": a private instance of our own, even when `ray start` left a cluster (or the
@@ -83,7 +83,7 @@ def init_ray(address: str | None, num_workers: int) -> None:
     )
 
 
-def _use_ray_token_if_present() -> None:
+def use_ray_token_if_present() -> None:
     """Join a cluster that runs Ray's token authentication (`ray start` turns it on when a token
     exists, e.g. ~/.ray/auth_token): a driver only sends the token in token mode, which is what
     `ray start` itself infers from the token's presence; RAY_AUTH_MODE set explicitly wins."""
@@ -139,7 +139,8 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
             tasks.append(asyncio.create_task(_heartbeat_forever(routers, config)))
             view = ClusterView(WorkerRegistry(redis, keys), config.pools.registry_ttl_s,
                                config.pools.publish_interval_s, presence_key=keys.router(config.router_id))
-            context = ClusterContext(redis_url, config.cluster_name, config.router_id)
+            context = ClusterContext(redis_url, config.cluster_name, config.router_id,
+                                     local_ray=not config.ray_address)
             pools = WorkerPools(config.pools, config.engine, config.decode_engine or config.engine,
                                 context, view, routers)
             async with _pools_up(pools, routers, config.join):

@@ -4,11 +4,15 @@ Each node is a `ray start --block` process: it owns the node's Ray processes and
 when it is terminated, so a test stops exactly the nodes it started, by their own process ids,
 never with a machine-wide `ray stop`. The head keeps its files (and its current-cluster address
 file) in a temporary directory of its own, removed when it stops.
+
+The cluster runs Ray's token authentication with a token of its own (in the head's directory):
+every node and every driver that joins gets it through `env()`, whatever ~/.ray holds.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -21,16 +25,29 @@ from cluster_state.server import free_port
 
 
 class RayNode:
-    def __init__(self, ip: str, head_address: str | None = None, num_cpus: int = 2,
+    def __init__(self, ip: str, head: "RayNode | None" = None, num_cpus: int = 2,
                  resources: dict[str, float] | None = None) -> None:
         self.ip = ip
+        self.head = head
+        head_address = head.address if head is not None else None
         self.head_address = head_address
         self.num_cpus = num_cpus
         self.resources = resources or {}
         self.process: subprocess.Popen | None = None
-        self.temp_dir = tempfile.mkdtemp(prefix="pdserve-ray-") if head_address is None else None
-        self.port = free_port(ip) if head_address is None else None
+        self.temp_dir = tempfile.mkdtemp(prefix="pdserve-ray-") if head is None else None
+        self.port = free_port(ip) if head is None else None
         self._children: list[psutil.Process] = []
+        if head is None:
+            self.token_path = os.path.join(self.temp_dir, "auth_token")
+            with open(self.token_path, "w") as f:
+                f.write(secrets.token_hex(32))
+        else:
+            self.token_path = head.token_path
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of a process that joins this cluster (a node, a driver)."""
+        return {**(os.environ if base is None else base), "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": self.token_path}
 
     @property
     def address(self) -> str:
@@ -45,7 +62,8 @@ class RayNode:
             args += ["--head", "--port", str(self.port), "--include-dashboard=false", "--temp-dir", self.temp_dir]
         else:
             args += ["--address", self.head_address]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        env=self.env())
         self._wait_up(timeout_s)
         return self
 

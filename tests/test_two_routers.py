@@ -41,7 +41,8 @@ def start_router(tmp_path, name: str, port: int, ray_head, redis_url: str, clust
         "--grpc-port", str(port), "--host", "127.0.0.1", "--model", model, "--dtype", "float32",
         "--device", "cpu", "--block-size", "16", "--kv-cache-memory-gb", "0.15", "--max-num-seqs", "8",
         "--torch-threads", "1", "--router-lease", str(ROUTER_LEASE_S), *extra]
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env=pdserve_env()), log
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=ray_head.env(pdserve_env())), log
 
 
 def worker_states(redis_url: str, cluster: str) -> dict:
@@ -112,3 +113,37 @@ def test_a_second_router_attaches_and_survives_the_first_ones_death(
                 router.kill()
                 router.wait()
         log_a.close()
+
+
+def test_pdserve_down_stops_the_pools_a_killed_router_left_behind(
+        tmp_path, tiny_checkpoints, redis_server, ray_head, cluster_name):
+    from cluster_state.server import free_port
+
+    port = free_port()
+    router, log = start_router(tmp_path, "c", port, ray_head, redis_server.url, cluster_name,
+                               tiny_checkpoints["llama3"])
+    try:
+        wait_for_serving(f"127.0.0.1:{port}", router, 300, tmp_path / "c.log")
+        assert set(worker_states(redis_server.url, cluster_name)) == {"prefill-0", "decode-0"}
+        os.kill(router.pid, signal.SIGKILL)  # nobody is left to take the pools down
+        router.wait()
+        down = subprocess.run(router_process_command() + [
+            "down", "--ray-address", ray_head.address, "--redis-url", redis_server.url,
+            "--cluster-name", cluster_name], capture_output=True, text=True, timeout=120,
+            env=ray_head.env(pdserve_env()))
+        assert down.returncode == 0, down.stderr
+        assert "2 workers stopped" in down.stderr
+        assert worker_states(redis_server.url, cluster_name) == {}
+        # The names are free again: a new router of the same cluster creates fresh pools.
+        router, log = start_router(tmp_path, "d", port, ray_head, redis_server.url, cluster_name,
+                                   tiny_checkpoints["llama3"])
+        wait_for_serving(f"127.0.0.1:{port}", router, 300, tmp_path / "d.log")
+        assert "attached" not in (tmp_path / "d.log").read_text()
+        assert {w.record.generation for w in worker_states(redis_server.url, cluster_name).values()} == {1}
+        router.send_signal(signal.SIGINT)
+        assert router.wait(timeout=120) == 0
+    finally:
+        if router.poll() is None:
+            router.kill()
+            router.wait()
+        log.close()

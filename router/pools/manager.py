@@ -37,6 +37,7 @@ class ClusterContext:
     redis_url: str
     cluster_name: str
     router_id: str
+    local_ray: bool = True  # a private Ray instance on this host (no --ray-address)
 
 
 class WorkerPools:
@@ -142,7 +143,9 @@ class WorkerPools:
         config = self.config
         threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.num_workers)
         agent = AgentConfig(publish_interval_s=config.publish_interval_s, lease_ttl_s=config.registry_ttl_s)
-        common = dict(transfer_backend=config.transfer_backend, lease_ttl_s=config.lease_ttl_s,
+        # On a private local Ray every worker shares this host: their KV endpoints stay on loopback.
+        host = "127.0.0.1" if self.context.local_ray else None
+        common = dict(transfer_backend=config.transfer_backend, lease_ttl_s=config.lease_ttl_s, host=host,
                       torch_threads=threads, kv_push=config.kv_push, redis_url=self.context.redis_url,
                       cluster_name=self.context.cluster_name, agent=agent, calibrate=config.calibrate,
                       router_lease_s=config.router_lease_s)
@@ -180,18 +183,28 @@ class WorkerPools:
         decode = await asyncio.gather(*(w.actor.stats.remote() for w in self.decode))
         return {"prefill": list(prefill), "decode": list(decode)}
 
-    async def take_down(self) -> None:
-        """Stop every worker of the pools and forget the pool spec."""
-        for worker in self.all_workers:
-            try:
-                await asyncio.wait_for(worker.actor.shutdown.remote(), 10)
-            except Exception as err:  # a dead worker needs no shutdown
-                logger.debug("%s shutdown: %s", worker.name, err)
+    async def take_down(self, timeout_s: float = 15.0) -> None:
+        """Stop every worker of the pools (a clean shutdown first, all at once, then kill) and
+        forget the pool spec."""
+        workers = self.all_workers
+        calls = [asyncio.ensure_future(_shutdown(w)) for w in workers]
+        if calls:
+            # asyncio.wait, not wait_for: a call that does not finish is left, never cancelled
+            # and waited on; the kill below ends it either way.
+            await asyncio.wait(calls, timeout=timeout_s)
+        for worker in workers:
             kill_actor(worker.actor, worker.worker_id)
         try:
             await self.routers.forget_pools()
         except Exception as err:
             logger.warning("could not remove the pool spec from Redis: %s", err)
+
+
+async def _shutdown(worker: WorkerHandle) -> None:
+    try:
+        await worker.actor.shutdown.remote()
+    except Exception as err:  # a dead worker needs no shutdown
+        logger.debug("%s shutdown: %s", worker.name, err)
 
 
 async def remove_orphan(name: str, timeout_s: float = 30.0) -> None:
