@@ -3,13 +3,13 @@ same picture. The rates come from the worker's own measured step times (fitted o
 router's cost predictions follow the hardware it actually runs on."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
+
+from cluster_state.records import JsonRecord
 
 
 @dataclass(frozen=True)
-class LoadReport:
+class LoadReport(JsonRecord):
     num_running: int = 0  # requests that compute (prefill or decode) in the running batch
     num_waiting: int = 0  # requests in the engine's own queue (admitted, not scheduled yet)
     num_waiting_for_kv: int = 0  # decode side: blocks held while KV arrives
@@ -31,10 +31,3 @@ class LoadReport:
     def free_slots(self) -> int:
         return max(0, self.max_num_seqs - self.num_unfinished)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "LoadReport":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in fields})

@@ -12,12 +12,12 @@ generation of the same worker owns, so a zombie cannot overwrite its successor.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 
 from cluster_state.keys import ClusterKeys
 from cluster_state.load import LoadReport
+from cluster_state.records import JsonRecord
 
 # Registers (or re-registers) a record under a generation. A generation below the counter means
 # a newer incarnation exists: refused, returning minus the counter.
@@ -58,7 +58,7 @@ class SupersededError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class WorkerRecord:
+class WorkerRecord(JsonRecord):
     worker_id: str  # stable across restarts, e.g. "decode-0"
     role: str  # prefill | decode | mixed
     actor_name: str  # the Ray actor's name (namespace "pdserve")
@@ -78,13 +78,6 @@ class WorkerRecord:
     def block_size(self) -> int:
         return int(self.kv_layout.get("block_size", 16))
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "WorkerRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in names})
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ and frees itself if its holder dies mid-way.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 
 from cluster_state.keys import ClusterKeys
+from cluster_state.records import JsonRecord
 
 # Deregisters a router and returns how many other routers still hold a live lease, atomically,
 # so two routers stopping together cannot both believe the other one stays.
@@ -33,7 +33,7 @@ return 0
 
 
 @dataclass(frozen=True)
-class PoolSpec:
+class PoolSpec(JsonRecord):
     """What a joining router needs to attach to pools another router created."""
 
     mode: str  # disaggregated | colocated
@@ -43,13 +43,6 @@ class PoolSpec:
     created_at: float = 0.0
     options: dict = field(default_factory=dict)  # the creator's pool and engine settings, for the record
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "PoolSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in names})
 
 
 class RouterRegistry:

@@ -13,7 +13,7 @@ Invariant: a request in `running` holds KV blocks for all its computed tokens; a
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager

@@ -166,8 +166,9 @@ class PrefillWorker:
         except Exception as err:
             self._waiting.pop(request_id, None)
             self._lease_holders.pop(request_id, None)
+            reason = f"refused: {err}"
             await asyncio.wrap_future(self.background.call(
-                lambda engine: self.pusher.abandon(request_id, f"refused: {err}")))
+                lambda engine: self.pusher.abandon(request_id, reason)))
             raise
         return await future
 

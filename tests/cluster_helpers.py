@@ -12,6 +12,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.pdserve.v1 import generation_pb2 as pb
 
 
+def live_workers(redis_url: str, cluster_name: str) -> dict:
+    """The cluster's registry as a router reads it: worker id -> LiveWorker."""
+    import asyncio
+
+    from cluster_state import ClusterKeys, RedisSettings, connect
+    from cluster_state.registry import WorkerRegistry
+
+    async def read():
+        redis = connect(RedisSettings(redis_url))
+        try:
+            return await WorkerRegistry(redis, ClusterKeys(cluster_name)).live_workers()
+        finally:
+            await redis.aclose()
+    return asyncio.run(read())
+
+
 def greedy_request(token_ids: list[int], max_tokens: int, request_id: str = "") -> pb.GenerateRequest:
     return pb.GenerateRequest(
         request_id=request_id, token_ids=pb.TokenIds(ids=token_ids),

@@ -3,7 +3,6 @@ out of routing within its lease, Ray restarts it, the successor registers with a
 generation, and a ticket of the dead incarnation is refused by the new one."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -11,8 +10,6 @@ import time
 import pytest
 import torch
 
-from cluster_state import ClusterKeys, RedisSettings, connect
-from cluster_state.registry import WorkerRegistry
 from decode_worker import StaleGenerationError
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
@@ -20,7 +17,7 @@ from kv_transfer import KVLayout, TransferError, create_sender
 from router.embedded import EmbeddedCluster, workers_idle
 from router.pools import PoolConfig
 from router.serve import ServeConfig
-from tests.cluster_helpers import collect, greedy_request
+from tests.cluster_helpers import live_workers, collect, greedy_request
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +25,6 @@ TTL_S = 3.0
 PROMPTS = [[3 + (5 * i + j) % 300 for j in range(9 + i)] for i in range(6)]
 
 
-def registry_snapshot(redis_url: str, cluster_name: str) -> dict:
-    async def read():
-        redis = connect(RedisSettings(redis_url))
-        try:
-            return await WorkerRegistry(redis, ClusterKeys(cluster_name)).live_workers()
-        finally:
-            await redis.aclose()
-    return asyncio.run(read())
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -61,7 +50,7 @@ def test_a_killed_worker_leaves_routing_and_its_successor_refuses_the_old_ticket
         stub = server.stub()
         assert [collect(stub.Generate(greedy_request(p, 6)))[0] for p in PROMPTS] == expected
         victim = next(w for w in server.backend.view.workers.values() if w.worker_id == "decode-1")
-        old = registry_snapshot(redis_server.url, cluster_name)["decode-1"].record
+        old = live_workers(redis_server.url, cluster_name)["decode-1"].record
         assert old.generation == victim.generation >= 1 and old.pid != os.getpid()
         # A ticket issued by this incarnation, as a prefill worker would hold it.
         reply = server.run(victim.actor.admit.remote("test-router", "old-ticket", PROMPTS[0], params, True))
@@ -71,14 +60,14 @@ def test_a_killed_worker_leaves_routing_and_its_successor_refuses_the_old_ticket
         killed_at = time.monotonic()
         wait_for(lambda: not server.backend.view.routable(victim) or victim.generation > old.generation,
                  TTL_S + 2, "the router to stop routing to the dead worker")
-        wait_for(lambda: registry_snapshot(redis_server.url, cluster_name).get("decode-1") is None
-                 or registry_snapshot(redis_server.url, cluster_name)["decode-1"].record.generation > old.generation,
+        wait_for(lambda: live_workers(redis_server.url, cluster_name).get("decode-1") is None
+                 or live_workers(redis_server.url, cluster_name)["decode-1"].record.generation > old.generation,
                  TTL_S + 2, "the dead worker's record to leave the registry")
         assert time.monotonic() - killed_at <= TTL_S + 2
         # Meanwhile the cluster serves on the other decode worker.
         assert [collect(stub.Generate(greedy_request(p, 6)))[0] for p in PROMPTS[:2]] == expected[:2]
 
-        new = wait_for(lambda: (r := registry_snapshot(redis_server.url, cluster_name).get("decode-1"))
+        new = wait_for(lambda: (r := live_workers(redis_server.url, cluster_name).get("decode-1"))
                        and r.record.generation > old.generation and r.record, 120, "the successor to register")
         assert new.pid != old.pid
         # The successor refuses the dead incarnation's ticket: on the router's path ...

@@ -3,7 +3,6 @@ name): the second attaches to the pools the first created; kill -9 of the first 
 serving and every worker running, and the dead router's requests leak no KV blocks."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -12,11 +11,9 @@ import time
 import grpc
 import pytest
 
-from cluster_state import ClusterKeys, RedisSettings, connect
-from cluster_state.registry import WorkerRegistry
 from engine import LLM, SamplingParams
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-from tests.cluster_helpers import collect, greedy_request, router_process_command, wait_for_serving
+from tests.cluster_helpers import live_workers, collect, greedy_request, router_process_command, wait_for_serving
 from tests.ray_nodes import RayNode, pdserve_env
 
 pytestmark = pytest.mark.slow
@@ -45,14 +42,6 @@ def start_router(tmp_path, name: str, port: int, ray_head, redis_url: str, clust
                             env=ray_head.env(pdserve_env())), log
 
 
-def worker_states(redis_url: str, cluster: str) -> dict:
-    async def read():
-        redis = connect(RedisSettings(redis_url))
-        try:
-            return await WorkerRegistry(redis, ClusterKeys(cluster)).live_workers()
-        finally:
-            await redis.aclose()
-    return asyncio.run(read())
 
 
 def test_a_second_router_attaches_and_survives_the_first_ones_death(
@@ -75,7 +64,7 @@ def test_a_second_router_attaches_and_survives_the_first_ones_death(
                  for port in (port_a, port_b)}
         for stub in stubs.values():  # both serve, from the same workers
             assert [collect(stub.Generate(greedy_request(p, 8)))[0] for p in PROMPTS] == expected
-        before = worker_states(redis_server.url, cluster_name)
+        before = live_workers(redis_server.url, cluster_name)
         assert set(before) == {"prefill-0", "decode-0"}
 
         # Long streams on router A, then A dies mid-stream.
@@ -92,7 +81,7 @@ def test_a_second_router_attaches_and_survives_the_first_ones_death(
         assert [collect(stubs[port_b].Generate(greedy_request(p, 8)))[0] for p in PROMPTS] == expected
         deadline = time.monotonic() + 60  # the workers notice A stopped polling and free its requests
         while True:
-            after = worker_states(redis_server.url, cluster_name)
+            after = live_workers(redis_server.url, cluster_name)
             idle = all(w.load.num_unfinished == 0 and w.load.num_free_blocks == w.load.num_blocks
                        for w in after.values())
             if idle and set(after) == set(before):
@@ -106,7 +95,7 @@ def test_a_second_router_attaches_and_survives_the_first_ones_death(
         # Ctrl-C on the last router takes the cluster down (A's lease may still run: A is gone).
         router_b.send_signal(signal.SIGINT)
         assert router_b.wait(timeout=120) == 0
-        assert worker_states(redis_server.url, cluster_name) == {}
+        assert live_workers(redis_server.url, cluster_name) == {}
     finally:
         for router in (router_a, router_b):
             if router is not None and router.poll() is None:
@@ -124,7 +113,7 @@ def test_pdserve_down_stops_the_pools_a_killed_router_left_behind(
                                tiny_checkpoints["llama3"])
     try:
         wait_for_serving(f"127.0.0.1:{port}", router, 300, tmp_path / "c.log")
-        assert set(worker_states(redis_server.url, cluster_name)) == {"prefill-0", "decode-0"}
+        assert set(live_workers(redis_server.url, cluster_name)) == {"prefill-0", "decode-0"}
         os.kill(router.pid, signal.SIGKILL)  # nobody is left to take the pools down
         router.wait()
         down = subprocess.run(router_process_command() + [
@@ -133,13 +122,13 @@ def test_pdserve_down_stops_the_pools_a_killed_router_left_behind(
             env=ray_head.env(pdserve_env()))
         assert down.returncode == 0, down.stderr
         assert "2 workers stopped" in down.stderr
-        assert worker_states(redis_server.url, cluster_name) == {}
+        assert live_workers(redis_server.url, cluster_name) == {}
         # The names are free again: a new router of the same cluster creates fresh pools.
         router, log = start_router(tmp_path, "d", port, ray_head, redis_server.url, cluster_name,
                                    tiny_checkpoints["llama3"])
         wait_for_serving(f"127.0.0.1:{port}", router, 300, tmp_path / "d.log")
         assert "attached" not in (tmp_path / "d.log").read_text()
-        assert {w.record.generation for w in worker_states(redis_server.url, cluster_name).values()} == {1}
+        assert {w.record.generation for w in live_workers(redis_server.url, cluster_name).values()} == {1}
         router.send_signal(signal.SIGINT)
         assert router.wait(timeout=120) == 0
     finally:
