@@ -23,6 +23,7 @@ from cluster_state.kv_events import KVEventPublisher
 from cluster_state.load import LoadReport
 from cluster_state.registry import (HEARTBEAT_MISSING, HEARTBEAT_SUPERSEDED, LiveWorker, SupersededError,
                                     WorkerRecord, WorkerRegistry)
+from cluster_state.secret import restore_cluster_secret
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class WorkerAgent:
         self.peers: dict[str, LiveWorker] = {}  # the registry as last read
         self.superseded = False
         self.connected = False
+        self.secret: bytes | None = None  # the KV transfer secret, written back after a Redis loss
         self._needs_snapshot = True
         self._peers_read_at = 0.0
 
@@ -151,6 +153,8 @@ class WorkerAgent:
         if status == HEARTBEAT_MISSING:
             logger.warning("%s: registry record missing (lease lapsed or Redis restarted); "
                            "registering again", self.record.worker_id)
+            if self.secret is not None:
+                await restore_cluster_secret(self.redis, self.keys, self.secret)
             self.record = await self.registry.register(self.record, self.load(), self.config.lease_ttl_s)
             self._needs_snapshot = True
         if self._needs_snapshot:

@@ -49,10 +49,35 @@ def load_report(engine_load: Any, **extra: Any) -> LoadReport:
     return LoadReport(**fields, **extra, published_at=time.time())
 
 
-async def start_agent(spec: WorkerSpec, background: Any, record: WorkerRecord,
+async def start_agent(spec: WorkerSpec, background: Any, record: WorkerRecord, secret: bytes | None,
                       extra_load=None) -> WorkerAgent:
     """Register (a new generation) and return the agent; the caller runs agent.run()."""
     agent = WorkerAgent.for_engine(RedisSettings.from_url(spec.redis_url), ClusterKeys(spec.cluster_name),
                                    record, background, spec.agent, extra_load)
+    agent.secret = secret
     await agent.register()
     return agent
+
+
+async def fetch_cluster_secret(spec: WorkerSpec, timeout_s: float = 60.0) -> bytes | None:
+    """The cluster's KV transfer secret (None without Redis: a worker driven directly in a test
+    keeps kv_transfer's default), waiting for Redis with backoff."""
+    import asyncio
+
+    from cluster_state.connection import Backoff, connect, is_redis_error
+    from cluster_state.secret import ensure_cluster_secret
+
+    if not spec.redis_url:
+        return None
+    redis = connect(RedisSettings.from_url(spec.redis_url))
+    backoff, deadline = Backoff(), time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                return await ensure_cluster_secret(redis, ClusterKeys(spec.cluster_name))
+            except Exception as err:
+                if not is_redis_error(err) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(backoff.next_delay())
+    finally:
+        await redis.aclose()

@@ -17,7 +17,7 @@ import torch
 
 from cluster_state.agent import WorkerAgent
 from cluster_state.load import LoadReport
-from cluster_state.presence import load_report, node_ip, registry_record, start_agent
+from cluster_state.presence import fetch_cluster_secret, load_report, node_ip, registry_record, start_agent
 from cluster_state.worker_spec import WorkerSpec
 from decode_worker.outbox import RouterOutboxes, StepDelta
 from engine.background import BackgroundEngine
@@ -109,6 +109,7 @@ class DecodeWorker:
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_task: asyncio.Task | None = None
+        self._secret: bytes | None = None
         try:  # Ray runs an async actor's constructor on its event loop: start right away
             self._start_task = asyncio.get_running_loop().create_task(self._start())
         except RuntimeError:
@@ -133,6 +134,7 @@ class DecodeWorker:
         self._loop = asyncio.get_running_loop()
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
+        self._secret = await fetch_cluster_secret(spec)  # the receiver admits only peers that know it
         engine = await asyncio.to_thread(self._build_engine)
         if spec.calibrate:
             await asyncio.to_thread(engine.calibrate)
@@ -140,7 +142,8 @@ class DecodeWorker:
         self.outboxes = RouterOutboxes(self._loop, spec.router_lease_s)
         self.background.start()
         if spec.redis_url:
-            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, self.receiver))
+            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, self.receiver),
+                                           self._secret)
             self.generation = self.agent.generation
             self._tasks.append(self._loop.create_task(self.agent.run()))
         if self.receiver is not None:
@@ -162,8 +165,9 @@ class DecodeWorker:
         layout = KVLayout(model=model_name, dtype=str(shape.dtype).removeprefix("torch."),
                           block_size=shape.block_size, num_layers=shape.num_layers,
                           num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
+        options = {"authkey": self._secret} if self._secret else {}
         self.receiver = create_receiver(self.spec.transfer_backend, layout, shape.num_blocks,
-                                        host=self.spec.host or node_ip())
+                                        host=self.spec.host or node_ip(), **options)
         return self.receiver.kv_cache
 
     def _check_peer(self, sender_id: str, generation: int) -> str | None:

@@ -1,4 +1,6 @@
-"""The control channel between a sender and a receiver: small pickled tuples over one TCP socket.
+"""The control channel between a sender and a receiver: small JSON messages over one TCP socket,
+opened only after both sides proved the cluster's secret (kv_transfer.wire: an HMAC challenge,
+never unpickling anything from the socket).
 
 Every backend uses it for the handshake, for chunk headers and for "done"; only the payload path
 differs (a process group, a shared mapping, a CUDA IPC mapping). Messages on one connection are
@@ -21,15 +23,19 @@ Replies (receiver -> sender), only to "hello":
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection, Listener
 
 from kv_transfer.errors import TransferError, TransferTimeout
+from kv_transfer.wire import AuthenticationFailed, FramedConnection
 
 log = logging.getLogger(__name__)
 
+# The secret of a sender and a receiver made without one (tests, one-process use). A cluster's
+# workers are given the cluster secret instead, and refuse peers that do not know it.
 DEFAULT_AUTHKEY = b"pdserve-kv-transfer"
+Connection = FramedConnection
 
 
 def chunk_header(request_id: str, generation: int, block_ids: tuple[int, ...], layer: int | None,
@@ -45,18 +51,20 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 class ControlListener:
-    """Accepts sender connections on (host, port) and serves each on its own daemon thread."""
+    """Accepts sender connections on (host, port); each that proves the secret is served on its
+    own daemon thread, the others are logged and dropped."""
 
     def __init__(self, host: str, port: int, authkey: bytes, serve: Callable[[Connection], None]) -> None:
-        self._listener = Listener((host, port), authkey=authkey)
+        self._sock = socket.create_server((host, port), backlog=64)
         self._host = host
+        self._authkey = authkey
         self._serve = serve
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True)
 
     @property
     def endpoint(self) -> str:
-        return f"{self._host}:{self._listener.address[1]}"
+        return f"{self._host}:{self._sock.getsockname()[1]}"
 
     def start(self) -> None:
         self._thread.start()
@@ -64,22 +72,37 @@ class ControlListener:
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
-                conn = self._listener.accept()
-            except Exception as exc:  # closed listener, or a client that failed authentication
+                sock, peer = self._sock.accept()
+            except OSError:  # closed listener
                 if self._closed.is_set():
                     return
-                log.warning("kv_transfer: refused a control connection: %s", exc)
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="kv-peer", daemon=True).start()
+            threading.Thread(target=self._authenticate_and_serve, args=(sock, peer), name="kv-peer",
+                             daemon=True).start()
+
+    def _authenticate_and_serve(self, sock: socket.socket, peer) -> None:
+        try:
+            conn = FramedConnection.accept(sock, self._authkey)
+        except (AuthenticationFailed, OSError, EOFError) as exc:
+            log.warning("kv_transfer: refused a control connection from %s:%s: %s", peer[0], peer[1], exc)
+            sock.close()
+            return
+        self._serve(conn)
 
     def close(self) -> None:
         self._closed.set()
-        self._listener.close()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
 
 
 def open_control(endpoint: str, authkey: bytes) -> Connection:
     try:
-        return Client(split_endpoint(endpoint), authkey=authkey)
+        return FramedConnection.connect(split_endpoint(endpoint), authkey)
+    except AuthenticationFailed as exc:
+        raise TransferError(f"receiver at {endpoint} refused the handshake: {exc}") from exc
     except (OSError, EOFError) as exc:
         raise TransferError(f"cannot reach receiver at {endpoint}: {exc}") from exc
 

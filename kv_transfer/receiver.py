@@ -12,13 +12,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 import torch
 
 from kv_transfer.blocks import chunk_nbytes
-from kv_transfer.control import DEFAULT_AUTHKEY, ControlListener
+from kv_transfer.control import DEFAULT_AUTHKEY, Connection, ControlListener
 from kv_transfer.counters import CountersSnapshot, TransferCounters
 from kv_transfer.layout import KVLayout, layout_differences
 from kv_transfer.ticket import TransferState, TransferTicket

@@ -11,13 +11,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 import torch
 
 from kv_transfer.blocks import check_chunk
-from kv_transfer.control import DEFAULT_AUTHKEY, open_control, recv_reply
+from kv_transfer.control import DEFAULT_AUTHKEY, Connection, open_control, recv_reply
 from kv_transfer.counters import CountersSnapshot, TransferCounters
 from kv_transfer.errors import TransferError
 from kv_transfer.layout import KVLayout, check_layouts

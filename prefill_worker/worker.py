@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster_state.agent import WorkerAgent
-from cluster_state.presence import registry_record, start_agent
+from cluster_state.presence import fetch_cluster_secret, registry_record, start_agent
 from cluster_state.worker_spec import WorkerSpec
 from engine.background import BackgroundEngine
 from engine.llm_engine import LLMEngine
@@ -81,11 +81,13 @@ class PrefillWorker:
         self._loop = asyncio.get_running_loop()
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
+        secret = await fetch_cluster_secret(spec)  # receivers admit only senders that know it
         engine = await asyncio.to_thread(LLMEngine, self.engine_config, None, False)
         if spec.calibrate:
             await asyncio.to_thread(engine.calibrate)
         layout = KVLayout(**engine.kv_layout_fields())
-        self.sender = create_sender(spec.transfer_backend, layout, sender_id=spec.worker_id)
+        options = {"authkey": secret} if secret else {}
+        self.sender = create_sender(spec.transfer_backend, layout, sender_id=spec.worker_id, **options)
         self.pusher = KVPusher(self.sender, engine.runner.kv_cache, layout.block_size,
                                engine.kv_manager.get_block_ids, spec.kv_push)
         engine.after_forward = self.pusher.after_forward
@@ -94,7 +96,7 @@ class PrefillWorker:
         self.background = BackgroundEngine(engine, self._on_outputs)
         self.background.start()
         if spec.redis_url:
-            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, None),
+            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, None), secret,
                                            self._transfer_rate)
             self.generation = self.sender.generation = self.agent.generation
             self._tasks.append(self._loop.create_task(self.agent.run()))

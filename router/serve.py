@@ -25,6 +25,7 @@ from cluster_state.keys import DEFAULT_CLUSTER_NAME
 from cluster_state.presence import node_ip
 from cluster_state.registry import WorkerRegistry
 from cluster_state.routers import RouterRegistry
+from cluster_state.secret import ensure_cluster_secret, restore_cluster_secret
 from cluster_state.server import PrivateRedis
 from engine.config import EngineConfig
 from router.cluster_backend import ClusterBackend, RoutingConfig
@@ -136,7 +137,8 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
                 await routers.heartbeat(_router_record(config), ROUTER_LEASE_S)
             except Exception as err:
                 raise ClusterStartError(f"cannot reach Redis at {redacted_url(redis_url)}: {err}") from err
-            tasks.append(asyncio.create_task(_heartbeat_forever(routers, config)))
+            secret = await ensure_cluster_secret(redis, keys)
+            tasks.append(asyncio.create_task(_heartbeat_forever(routers, config, secret)))
             view = ClusterView(WorkerRegistry(redis, keys), config.pools.registry_ttl_s,
                                config.pools.publish_interval_s, presence_key=keys.router(config.router_id))
             context = ClusterContext(redis_url, config.cluster_name, config.router_id,
@@ -189,12 +191,13 @@ def _router_record(config: ServeConfig) -> dict:
             "grpc": f"{config.host}:{config.grpc_port}", "started_at": time.time()}
 
 
-async def _heartbeat_forever(routers: RouterRegistry, config: ServeConfig) -> None:
+async def _heartbeat_forever(routers: RouterRegistry, config: ServeConfig, secret: bytes) -> None:
     record = _router_record(config)
     while True:
         await asyncio.sleep(ROUTER_HEARTBEAT_S)
         try:
             await routers.heartbeat(record, ROUTER_LEASE_S)
+            await restore_cluster_secret(routers.redis, routers.keys, secret)
         except Exception as err:  # Redis away: the view keeps routing on what it knows
             logger.debug("router heartbeat failed: %s", err)
 

@@ -1,6 +1,7 @@
 """Unit tests of kv_transfer's value objects, leases, counters and in-process protocol checks."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -195,3 +196,39 @@ def test_tickets_and_senders_of_another_generation_are_refused(backend: str) -> 
                 vetoed.connect(rx.endpoint)
         finally:
             tx.close()
+
+
+def test_cuda_ipc_handles_travel_as_plain_fields_and_come_back_exactly() -> None:
+    from kv_transfer.cuda_ipc import ipc_args, ipc_fields
+    from kv_transfer.wire import _from_json, _to_json
+
+    # torch's sharing tuple for a CUDA tensor, with made-up handles (no GPU needed to check the codec).
+    args = (torch.Tensor, torch.Size([4, 2, 2, 4, 2, 8]), (256, 128, 64, 16, 8, 1), 0, torch.storage.TypedStorage,
+            torch.bfloat16, 0, b"\x01\x02handle", 8192, 0, False, b"refcount", 16, None, True)
+    travelled = _from_json(json.loads(json.dumps(_to_json(ipc_fields(args)))))
+    assert ipc_args(travelled) == args
+    with pytest.raises(ValueError, match="unexpected classes"):
+        ipc_args({**travelled, "storage_cls": "os.system"})
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ipc_args({**travelled, "dtype": "Tensor"})
+
+
+def test_a_peer_without_the_secret_is_refused_and_nothing_is_unpickled() -> None:
+    import pickle
+    import socket as socket_module
+
+    secret = b"the-cluster-secret"
+    with create_receiver("shm", LAYOUT, num_blocks=4, authkey=secret) as rx:
+        intruder = create_sender("shm", LAYOUT, authkey=b"a guess", timeout_s=5)
+        with pytest.raises(TransferError, match="refused the handshake|closed"):
+            intruder.connect(rx.endpoint)
+        friend = create_sender("shm", LAYOUT, authkey=secret, timeout_s=5)
+        friend.connect(rx.endpoint)  # the right secret gets in
+        friend.close()
+        # A raw client that skips the handshake and sends a pickle gets nowhere near unpickling:
+        # the listener expects a 64-byte proof and drops the connection.
+        host, port = rx.endpoint.rsplit(":", 1)
+        with socket_module.create_connection((host, int(port)), timeout=5) as raw:
+            raw.recv(64)
+            raw.sendall(pickle.dumps(("hello", "x", 0, {}, "shm", "cpu")).ljust(64, b"\0"))
+            assert raw.recv(64) == b""  # closed on a wrong proof

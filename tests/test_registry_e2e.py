@@ -27,6 +27,20 @@ PROMPTS = [[3 + (5 * i + j) % 300 for j in range(9 + i)] for i in range(6)]
 
 
 
+def cluster_secret(redis_url: str, cluster_name: str) -> bytes:
+    import asyncio
+
+    from cluster_state import ClusterKeys, RedisSettings, connect
+
+    async def read():
+        redis = connect(RedisSettings(redis_url))
+        try:
+            return bytes(await redis.get(ClusterKeys(cluster_name).secret))
+        finally:
+            await redis.aclose()
+    return asyncio.run(read())
+
+
 def wait_for(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -76,7 +90,11 @@ def test_a_killed_worker_leaves_routing_and_its_successor_refuses_the_old_ticket
         assert isinstance(getattr(err.value, "cause", err.value), StaleGenerationError) or "Stale" in str(err.value)
         # ... and on the KV path, even if the old ticket reached the new incarnation's address.
         stale = type(reply.reservation.ticket)(**{**reply.reservation.ticket.__dict__, "endpoint": new.endpoint})
-        sender = create_sender("shm", KVLayout(**new.kv_layout), sender_id="prefill-0", generation=99)
+        layout = KVLayout(**new.kv_layout)
+        with pytest.raises(TransferError, match="secrets differ"):  # no cluster secret, no link at all
+            create_sender("shm", layout, sender_id="prefill-9", timeout_s=5).connect(new.endpoint)
+        sender = create_sender("shm", layout, sender_id="prefill-0", generation=99,
+                               authkey=cluster_secret(redis_server.url, cluster_name))
         try:
             sender.connect(new.endpoint)
             with pytest.raises(TransferError, match="stale ticket"):
