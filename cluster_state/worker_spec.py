@@ -18,7 +18,7 @@ class WorkerSpec:
     role: str  # prefill | decode | mixed (colocated: prefills and decodes, no KV receiver)
     engine: Any  # engine.config.EngineConfig (kept opaque here: this package imports no engine)
     transfer_backend: str = "shm"
-    lease_ttl_s: float = 30.0  # a decode worker frees blocks reserved for KV that stops coming
+    lease_ttl_s: float = 6.0  # a decode worker frees blocks reserved for KV that stops coming
     torch_threads: int | None = None
     kv_push: str = "auto"  # prefill: push KV per chunk or per layer
     redis_url: str | None = None  # None: no cluster state (a worker driven directly, in tests)

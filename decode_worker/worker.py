@@ -193,12 +193,14 @@ class DecodeWorker:
 
     # --- admission --------------------------------------------------------------------
     async def admit(self, router_id: str, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, remote_prefill: bool) -> AdmitReply:
+                    params: SamplingParams, remote_prefill: bool,
+                    output_token_ids: list[int] = ()) -> AdmitReply:
         """Take the request if a sequence slot and the KV blocks are free now.
 
         remote_prefill: the prompt's KV comes from a prefill worker, so hold its blocks and
         return a ticket; otherwise this worker prefills it itself and its tokens (the first
-        one too) arrive through next_outputs.
+        one too) arrive through next_outputs. output_token_ids: what the request already
+        generated on a decode worker that died; it continues from there.
         """
         await self._ready()
         if remote_prefill and self.receiver is None:
@@ -207,10 +209,12 @@ class DecodeWorker:
         try:
             if remote_prefill:
                 result, load = await self._call(lambda engine: (
-                    engine.reserve_for_transfer(request_id, prompt_token_ids, params), engine.load_snapshot()))
+                    engine.reserve_for_transfer(request_id, prompt_token_ids, params, output_token_ids),
+                    engine.load_snapshot()))
             else:
                 result, load = await self._call(lambda engine: (
-                    engine.admit_request(prompt_token_ids, params, request_id), engine.load_snapshot()))
+                    engine.admit_request(prompt_token_ids, params, request_id, output_token_ids),
+                    engine.load_snapshot()))
         except BaseException:
             self.outboxes.forget(request_id)
             raise
@@ -218,15 +222,16 @@ class DecodeWorker:
             self.outboxes.forget(request_id)
             return AdmitReply(False, self.generation, self._report(load), limit=result.limit,
                               detail=result.detail)
-        reservation = self._issue_ticket(request_id, prompt_token_ids, *result) if remote_prefill else None
+        num_tokens = len(prompt_token_ids) + len(output_token_ids)
+        reservation = self._issue_ticket(request_id, num_tokens, *result) if remote_prefill else None
         return AdmitReply(True, self.generation, self._report(load), reservation)
 
-    def _issue_ticket(self, request_id: str, prompt_token_ids: list[int], num_cached: int,
+    def _issue_ticket(self, request_id: str, num_tokens: int, num_cached: int,
                       block_table: list[int]) -> Reservation:
         first_block = num_cached // self.receiver.layout.block_size
         try:
             ticket = self.receiver.issue_ticket(
-                request_id, block_table[first_block:], len(prompt_token_ids) - num_cached,
+                request_id, block_table[first_block:], num_tokens - num_cached,
                 lease_id=request_id, first_token=num_cached)
         except Exception:
             self.background.call(lambda engine: engine.abort_request(request_id))

@@ -151,22 +151,27 @@ class LLMEngine:
         return ids
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        output_token_ids: list[int] = (),
     ) -> Request:
+        """output_token_ids: tokens the request already generated elsewhere (see Request)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = Request(request_id, self.tokenize(prompt), params,
-                          eos_token_ids=self.tokenizer.eos_token_ids)
+                          eos_token_ids=self.tokenizer.eos_token_ids,
+                          output_token_ids=self.tokenize(list(output_token_ids)))
         self.scheduler.add_request(request)
         self.output_states[request_id] = OutputState(request, self.tokenizer, self.detokenize)
         return request
 
     def admit_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: str | list[int], params: SamplingParams, request_id: str,
+        output_token_ids: list[int] = (),
     ) -> AdmissionRefusal | None:
         """Like add_request, but refused (None returned otherwise) when the engine has no free
         sequence slot or not enough free KV blocks for the prompt right now."""
         request = Request(request_id, self.tokenize(prompt), params,
-                          eos_token_ids=self.tokenizer.eos_token_ids)
+                          eos_token_ids=self.tokenizer.eos_token_ids,
+                          output_token_ids=self.tokenize(list(output_token_ids)))
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.scheduler.check_fits(request.num_prompt_tokens, params.max_tokens)
@@ -176,15 +181,18 @@ class LLMEngine:
         return refusal
 
     def reserve_for_transfer(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        output_token_ids: list[int] = (),
     ) -> tuple[int, list[int]] | AdmissionRefusal:
-        """Decode side: hold blocks for a prompt whose KV comes from a prefill worker.
+        """Decode side: hold blocks for a prompt (and resumed outputs) whose KV comes from a
+        prefill worker.
 
-        Returns (cached prompt tokens, the request's block table), or the limit that keeps
-        the request out right now.
+        Returns (cached tokens, the request's block table), or the limit that keeps the request
+        out right now.
         """
         request = Request(request_id, self.tokenize(prompt_token_ids), params,
-                          eos_token_ids=self.tokenizer.eos_token_ids)
+                          eos_token_ids=self.tokenizer.eos_token_ids,
+                          output_token_ids=self.tokenize(list(output_token_ids)))
         num_cached = self.scheduler.reserve_for_transfer(request)
         if isinstance(num_cached, AdmissionRefusal):
             return num_cached

@@ -36,7 +36,7 @@ class OutputState:
             StopStringMatcher(params.stop, params.include_stop_str_in_output)
             if params.stop and detokenize else None
         )
-        self.num_emitted_tokens = 0
+        self.num_emitted_tokens = request.num_resumed_tokens  # resumed outputs went out elsewhere
         self.text = ""
 
     def advance(self) -> tuple[list[int], str, str | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
@@ -45,6 +46,11 @@ class Request:
     num_computed_tokens counts tokens whose KV is in the cache (prefix-cache hits,
     transferred KV and computed chunks alike). A request is prefilling while
     num_computed_tokens < num_prompt_tokens.
+
+    A request may start with output tokens it generated elsewhere (`output_token_ids`: it is
+    resumed on this engine after the one that ran it died). They are prefilled again with the
+    prompt, count against max_tokens and for penalties as outputs, advance a seeded generator,
+    and are not emitted again.
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id}: the prompt has no tokens")
@@ -64,12 +71,15 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or string that ended it
-        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.all_token_ids: list[int] = list(prompt_token_ids) + list(output_token_ids)
+        self.num_resumed_tokens = len(output_token_ids)  # outputs generated before it came here
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit at the last admission, for metrics
         self.num_preemptions = 0
-        # Sampled logprobs, one entry per output token when sampling_params.logprobs is set.
-        self.output_logprobs: list[dict[int, float]] = []
+        # Sampled logprobs, one entry per output token when sampling_params.logprobs is set
+        # (an empty dict for each resumed token: their logprobs went out from the other engine).
+        self.output_logprobs: list[dict[int, float]] = (
+            [{} for _ in output_token_ids] if sampling_params.logprobs is not None else [])
         # Per-request torch.Generator for seeded sampling, created by the sampler on first use.
         self.generator = None
 

@@ -176,7 +176,7 @@ class Scheduler:
         if request is None or request.status != RequestStatus.WAITING_FOR_KV:
             return None
         self.num_waiting_for_kv -= 1
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens  # the prompt (and resumed outputs) landed
         self.kv_manager.cache_full_blocks(request, request.num_computed_tokens)
         request.append_output_token(first_token, logprobs)
         request.status = RequestStatus.RUNNING

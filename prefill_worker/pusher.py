@@ -80,7 +80,7 @@ class KVPusher:
             return None
         request = item.request
         computed = request.num_computed_tokens + item.num_new_tokens
-        finished = computed >= request.num_prompt_tokens
+        finished = computed >= request.num_tokens  # the prompt and any resumed outputs
         # A block is sent once all its tokens are computed; the last, partial one at the end.
         upto = -(-computed // self.block_size) if finished else computed // self.block_size
         return state, state.first_block + state.num_queued, upto, finished

@@ -143,17 +143,20 @@ class PrefillWorker:
         return os.getpid()
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      ticket: TransferTicket, decode_worker=None) -> PrefillResult:
+                      ticket: TransferTicket, decode_worker=None,
+                      output_token_ids: list[int] = ()) -> PrefillResult:
         """Compute the prompt's KV, push the part the decode worker lacks, sample the first token.
 
         decode_worker, the actor that issued the ticket, has its lease on the reserved blocks
-        renewed while the request is here.
+        renewed while the request is here. output_token_ids: what a resumed request already
+        generated; its KV is computed with the prompt's and the next token is sampled after it.
         """
         await self._ready()
         if request_id in self._aborted:
             await asyncio.to_thread(self.sender.send_failed, ticket, "aborted before prefill")
             raise PrefillAborted(f"request {request_id} was aborted before its prefill started")
-        first_only = dataclasses.replace(params, max_tokens=1, stop=(), include_stop_str_in_output=False)
+        first_only = dataclasses.replace(params, max_tokens=len(output_token_ids) + 1, stop=(),
+                                         include_stop_str_in_output=False)
         future = self._loop.create_future()
         self._waiting[request_id] = future
         if decode_worker is not None:
@@ -162,7 +165,7 @@ class PrefillWorker:
 
         def admit(engine: LLMEngine) -> None:
             self.pusher.track(ticket)
-            engine.add_request(prompt_token_ids, first_only, request_id)
+            engine.add_request(prompt_token_ids, first_only, request_id, output_token_ids)
         try:
             await asyncio.wrap_future(self.background.call(admit))
         except Exception as err:
@@ -183,9 +186,16 @@ class PrefillWorker:
             await asyncio.gather(*(self._renew(actor, ids) for actor, ids in by_worker.values()))
 
     async def _renew(self, actor, request_ids: list[str]) -> None:
+        from ray.exceptions import RayActorError
+
         try:
             lapsed = await asyncio.wait_for(actor.renew_leases.remote(request_ids), self.lease_renew_s)
-        except Exception as err:  # that decode worker is gone or stuck; its requests fail there
+        except RayActorError as err:
+            # That decode worker is dead or restarting: what it reserved is gone with it, so stop
+            # computing for it and free the blocks held here (the router resumes the requests).
+            logger.warning("decode worker of %d requests is gone (%s); aborting them here", len(request_ids), err)
+            lapsed = request_ids
+        except Exception as err:  # slow to answer: try again next period, its lease still runs
             logger.warning("lease renewal failed: %s", err)
             return
         for request_id in lapsed:  # the decode worker freed these blocks: stop pushing into them
@@ -244,9 +254,9 @@ class PrefillWorker:
         for out in outputs:
             if not out.finished:
                 continue
-            if out.token_ids:
-                result = PrefillResult(out.request_id, out.token_ids[0],
-                                       out.logprobs[0] if out.logprobs else None, out.num_cached_tokens)
+            if out.new_token_ids:  # the one token sampled here (after any resumed outputs)
+                result = PrefillResult(out.request_id, out.new_token_ids[-1],
+                                       out.logprobs[-1] if out.logprobs else None, out.num_cached_tokens)
             else:
                 self.pusher.abandon(out.request_id, "prefill failed")
                 result = PrefillAborted(f"prefill of {out.request_id} failed on this worker")

@@ -181,8 +181,9 @@ def add_serve_parser(sub) -> None:
                         "at once) or after each layer, overlapping the transfer with the next layers' "
                         "compute (default auto: chunk, on every device for now: a per-layer push "
                         "waits for the compute queued before it on the GPU's default stream)")
-    g.add_argument("--lease-ttl", type=float, default=30.0,
-                   help="seconds a decode worker holds blocks for KV that does not arrive (default 30)")
+    g.add_argument("--lease-ttl", type=float, default=6.0,
+                   help="seconds a decode worker holds blocks for KV that stops arriving (its prefill "
+                        "worker died); prefill workers renew every third of it (default 6)")
     g.add_argument("--router-lease", type=float, default=10.0,
                    help="seconds workers wait for a router that stopped polling them (it died) "
                         "before aborting its requests and freeing their KV blocks (default 10)")

@@ -5,8 +5,12 @@ free slot and blocks, a prefill worker, local or remote prefill). Remote: the de
 reserved blocks and returned a ticket; the prefill worker computes the prompt, pushes the KV into
 the ticket's blocks and returns the first token, which is streamed at once; the decode worker
 then joins the request to its batch once the KV landed. Local (or colocated): the decode worker
-prefills it itself. Either way decode steps come back through one long-poll per decode worker,
-which fans each batch out to the requests' queues.
+prefills it itself. Either way decode steps come back through the pumps (router.pumps).
+
+A request survives the loss of a worker: when its decode worker dies (or its prefill worker,
+or their KV transfer fails), the request is placed again, ahead of new arrivals, with the tokens
+it already streamed as outputs; the new worker prefills prompt + those tokens (a seeded request's
+generator skips as many draws) and decoding goes on. The client sees no error, gap or duplicate.
 """
 from __future__ import annotations
 
@@ -22,11 +26,17 @@ from router.admission import AdmissionQueue, QueuedRequest
 from router.admission.dispatcher import Dispatcher, Placement
 from router.backend import BackendError, QueueFullError, RequestTooLargeError, TokenDelta
 from router.pools import ClusterView, WorkerHandle, WorkerPools, root_cause
+from router.pumps import TokenPumps
 from router.routing import DisaggregationPolicy, make_policy
+from router.worker_lost import WorkerLost
 
 logger = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 30.0  # past this a worker is presumed stuck; leases free what it holds
+RESUMED_PRIORITY = -(2**31)  # a request resumed after a worker's loss goes before new arrivals
+# Errors of a worker call that mean "the request's KV or worker is gone", not "the request is bad".
+_LOST_CAUSES = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "StaleGenerationError",
+                "TransferError", "TransferTimeout", "PrefillAborted")
 
 
 @dataclass(frozen=True)
@@ -36,25 +46,36 @@ class RoutingConfig:
     max_queued_requests: int = 1024  # beyond this, RESOURCE_EXHAUSTED naming the limit
     # Queued requests wait this long for a decode worker to come back before they fail.
     no_worker_timeout_s: float = 30.0
+    max_attempts: int = 4  # placements of one request: the first and up to 3 resumptions
 
     def __post_init__(self) -> None:
         make_policy(self.policy)
         DisaggregationPolicy(self.disaggregation)
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be at least 0, got {self.max_queued_requests}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
 
 
 @dataclass(eq=False)
 class _Stream:
-    entry: QueuedRequest
+    request_id: str  # the client's
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    output_token_ids: list[int] = field(default_factory=list)  # streamed to the client so far
+    attempt: int = 0
+    entry: QueuedRequest | None = None  # the current attempt's
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     placement: Placement | None = None
     settled: bool = False  # finished on its own, or aborted on every worker it touched
     first_token_seen: bool = False
 
     @property
-    def decode(self) -> WorkerHandle | None:
-        return self.placement.decode if self.placement else None
+    def worker_request_id(self) -> str:
+        """The id on the workers: a fresh one per attempt, so a resumed attempt can never collide
+        with what an earlier one left on a worker."""
+        return self.request_id if self.attempt == 0 else f"{self.request_id}#{self.attempt}"
 
 
 class ClusterBackend:
@@ -69,27 +90,29 @@ class ClusterBackend:
         self.queue = AdmissionQueue(routing.max_queued_requests)
         self.disaggregation = DisaggregationPolicy(
             routing.disaggregation if pools.mode == "disaggregated" else "never")
-        decode_role = "decode" if pools.mode == "disaggregated" else "mixed"
+        self.decode_role = "decode" if pools.mode == "disaggregated" else "mixed"
         self.dispatcher = Dispatcher(self.queue, view, make_policy(routing.policy), self.disaggregation,
-                                     index, router_id, decode_role, routing.no_worker_timeout_s)
-        self.streams: dict[str, _Stream] = {}
-        self._pumps: dict[str, asyncio.Task] = {}
+                                     index, router_id, self.decode_role, routing.no_worker_timeout_s)
+        self.streams: dict[str, _Stream] = {}  # client request id -> stream
+        self._attempts: dict[str, _Stream] = {}  # worker request id -> stream
+        self.resumed = 0  # requests placed again after losing a worker
+        self.pumps = TokenPumps(view, router_id, self._route, self._queues_on,
+                                self.dispatcher.capacity_changed.set)
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.view.on_new_worker(self._start_pump)
-        self.view.on_generation_change(self._worker_restarted)
+        self.view.on_new_worker(self.pumps.start)
+        self.view.on_generation_change(self.pumps.worker_restarted)
         for worker in self.pools.decode:
-            self._start_pump(worker)
-        self._tasks.append(loop.create_task(self.dispatcher.run()))
+            self.pumps.start(worker)
+        self._tasks.append(asyncio.get_running_loop().create_task(self.dispatcher.run()))
 
     async def close(self) -> None:
         await self.dispatcher.close()
-        tasks = self._tasks + list(self._pumps.values())
-        for task in tasks:
+        await self.pumps.close()
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
     def max_model_len(self) -> int:
@@ -98,8 +121,15 @@ class ClusterBackend:
     def model_names(self) -> list[str]:
         return [self.pools.model_name]
 
+    def can_serve(self) -> bool:
+        """Whether a request would be served now: a decode worker is up (and a prefill worker,
+        when every prompt must be prefilled remotely)."""
+        if not self.view.of_role(self.decode_role):
+            return False
+        return self.disaggregation.mode != "always" or bool(self.view.of_role("prefill"))
+
     def stats(self) -> dict:
-        return {"queued": len(self.queue), "streams": len(self.streams),
+        return {"queued": len(self.queue), "streams": len(self.streams), "resumed": self.resumed,
                 "disaggregation": dict(self.disaggregation.decisions),
                 "refusals": dict(self.dispatcher.refusals), "policy": self.routing.policy}
 
@@ -109,32 +139,20 @@ class ClusterBackend:
         if request_id in self.streams:
             raise BackendError(f"request id {request_id!r} is already in flight on this router")
         self._check_fits(prompt_token_ids, params)
-        entry = QueuedRequest(request_id, prompt_token_ids, params, priority)
-        stream = self.streams[request_id] = _Stream(entry)
+        stream = _Stream(request_id, list(prompt_token_ids), params, priority)
+        self._submit(stream)  # placed now, or queued; QueueFullError when the queue is full
+        self.streams[request_id] = stream
         try:
-            self.dispatcher.submit(entry)  # placed now, or queued; QueueFullError when full
-        except BaseException:
-            del self.streams[request_id]
-            raise
-        try:
-            try:
-                stream.placement = await entry.placed
-            finally:
-                self.queue.remove(entry)  # a cancel or deadline takes it out of the queue at once
-            decode = stream.placement.decode
-            decode.in_flight += 1
-            try:
-                if stream.placement.prefill is not None:
-                    async for delta in self._prefill_leg(stream):
+            while True:
+                try:
+                    async for delta in self._attempt(stream):
+                        stream.output_token_ids.extend(delta.new_token_ids)
                         yield delta
                         if stream.settled:
                             return
-                async for delta in self._decode_leg(stream):
-                    yield delta
-                    if stream.settled:
-                        return
-            finally:
-                decode.in_flight -= 1
+                    return
+                except WorkerLost as lost:
+                    self._resume(stream, lost)
         finally:
             # Closed early (client cancel, deadline, an error): free the request everywhere.
             # Shielded, because this runs while the caller is being cancelled.
@@ -142,8 +160,69 @@ class ClusterBackend:
                 if stream.placement is not None and not stream.settled:
                     await asyncio.shield(self.abort(request_id))
             finally:
+                self._end_attempt(stream)
                 self.streams.pop(request_id, None)
                 self.dispatcher.capacity_changed.set()
+
+    def _submit(self, stream: _Stream) -> None:
+        resumed = stream.attempt > 0
+        entry = QueuedRequest(stream.worker_request_id, stream.prompt_token_ids, stream.params,
+                              RESUMED_PRIORITY if resumed else stream.priority)
+        entry.output_token_ids = list(stream.output_token_ids)
+        stream.entry, stream.placement, stream.queue = entry, None, asyncio.Queue()
+        self._attempts[entry.request_id] = stream
+        try:
+            self.dispatcher.submit(entry, bypass_bound=resumed)
+        except BaseException:
+            self._attempts.pop(entry.request_id, None)
+            raise
+
+    def _resume(self, stream: _Stream, lost: WorkerLost) -> None:
+        """Place the request again after losing a worker, unless it ran out of attempts."""
+        if stream.attempt + 1 >= self.routing.max_attempts:
+            raise BackendError(f"{lost}; gave up after {stream.attempt + 1} placements") from lost
+        logger.warning("request %s lost %s after %d tokens; resuming it elsewhere", stream.request_id,
+                       lost, len(stream.output_token_ids))
+        self._forget_placement(stream)
+        stream.attempt += 1
+        self.resumed += 1
+        self._submit(stream)
+
+    def _forget_placement(self, stream: _Stream) -> None:
+        """Best effort: free what the failed attempt may still hold on workers that are alive."""
+        placement, rid = stream.placement, stream.worker_request_id
+        self._end_attempt(stream)
+        if placement is None:
+            return
+        for worker in (placement.decode, placement.prefill):
+            if worker is not None:
+                asyncio.ensure_future(_quiet(worker.actor.abort.remote(rid)))
+
+    def _end_attempt(self, stream: _Stream) -> None:
+        if stream.entry is not None:
+            self.queue.remove(stream.entry)
+            self._attempts.pop(stream.entry.request_id, None)
+
+    async def _attempt(self, stream: _Stream) -> AsyncIterator[TokenDelta]:
+        """One placement's legs; WorkerLost when a worker it depends on goes away."""
+        try:
+            stream.placement = await stream.entry.placed
+        finally:
+            self.queue.remove(stream.entry)  # a cancel or deadline takes it out of the queue at once
+        decode = stream.placement.decode
+        decode.in_flight += 1
+        try:
+            if stream.placement.prefill is not None:
+                async for delta in self._prefill_leg(stream):
+                    yield delta
+                    if stream.settled:
+                        return
+            async for delta in self._decode_leg(stream):
+                yield delta
+                if stream.settled:
+                    return
+        finally:
+            decode.in_flight -= 1
 
     def _check_fits(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse at once a request that no decode worker's whole KV cache could hold."""
@@ -161,23 +240,24 @@ class ClusterBackend:
         entry, placement = stream.entry, stream.placement
         prefill, decode = placement.prefill, placement.decode
         reservation = placement.reservation
-        tokens = len(entry.prompt_token_ids) - reservation.num_cached_tokens
+        tokens = len(entry.prompt_token_ids) + len(entry.output_token_ids) - reservation.num_cached_tokens
         prefill.in_flight += 1
         prefill.prefill_tokens_in_flight += tokens
         try:
             result = await self._call(prefill, prefill.actor.prefill.remote(
-                entry.request_id, entry.prompt_token_ids, entry.params, reservation.ticket, decode.actor))
+                entry.request_id, entry.prompt_token_ids, entry.params, reservation.ticket, decode.actor,
+                entry.output_token_ids))
         finally:
             prefill.in_flight -= 1
             prefill.prefill_tokens_in_flight -= tokens
         self._observe_first_token(stream)
         logprobs = (result.logprobs,) if result.logprobs is not None else None
-        yield TokenDelta(entry.request_id, (result.first_token,), None, logprobs, reservation.num_cached_tokens)
+        yield TokenDelta(stream.request_id, (result.first_token,), None, logprobs, reservation.num_cached_tokens)
         final = await self._call(decode, decode.actor.start_decode.remote(
             entry.request_id, placement.generation, result.first_token, result.logprobs))
         if final is not None:  # the first token already ended it (EOS, max_tokens 1)
             stream.settled = True
-            yield TokenDelta(entry.request_id, (), final.finish_reason, None, reservation.num_cached_tokens)
+            yield TokenDelta(stream.request_id, (), final.finish_reason, None, reservation.num_cached_tokens)
 
     async def _decode_leg(self, stream: _Stream) -> AsyncIterator[TokenDelta]:
         while True:
@@ -187,28 +267,32 @@ class ClusterBackend:
             if item.new_token_ids and not stream.first_token_seen:
                 self._observe_first_token(stream)
             stream.settled = item.finish_reason is not None
-            yield item
+            yield TokenDelta(stream.request_id, item.new_token_ids, item.finish_reason, item.logprobs,
+                             item.num_cached_tokens)
             if stream.settled:
                 return
 
     def _observe_first_token(self, stream: _Stream) -> None:
         stream.first_token_seen = True
         placement = stream.placement
-        self.disaggregation.observe(placement.plan, time.monotonic() - placement.placed_at)
+        if stream.attempt == 0:  # a resumed attempt prefills its outputs too: not a TTFT sample
+            self.disaggregation.observe(placement.plan, time.monotonic() - placement.placed_at)
 
     async def abort(self, request_id: str) -> None:
         """Free the request on every worker it touched; a no-op for unknown ids."""
         stream = self.streams.get(request_id)
         if stream is None or stream.settled:
             return
-        if stream.placement is None:  # still queued: leaving the queue is all there is to do
+        if stream.placement is None:  # queued: leaving the queue is all there is to do
             self.queue.remove(stream.entry)
             if not stream.entry.placed.done():
                 stream.entry.placed.set_exception(BackendError(f"request {request_id} was aborted while queued"))
             return
         stream.settled = True
-        workers = [stream.placement.decode] + ([stream.placement.prefill] if stream.placement.prefill else [])
-        calls = asyncio.gather(*(w.actor.abort.remote(request_id) for w in workers), return_exceptions=True)
+        rid = stream.worker_request_id
+        placement = stream.placement
+        workers = [placement.decode] + ([placement.prefill] if placement.prefill else [])
+        calls = asyncio.gather(*(w.actor.abort.remote(rid) for w in workers), return_exceptions=True)
         try:
             results = await asyncio.wait_for(calls, ABORT_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -219,60 +303,37 @@ class ClusterBackend:
                 logger.warning("abort of %s on %s failed: %s", request_id, worker.name, result)
 
     async def _call(self, worker: WorkerHandle, ref):
-        """Await a worker call; a worker-side failure becomes a BackendError naming the worker."""
-        from ray.exceptions import RayActorError
-
+        """Await a worker call. A dead worker, a restarted one or a failed KV transfer become
+        WorkerLost (the request resumes elsewhere); anything else a BackendError naming the worker."""
         try:
             return await ref
         except (QueueFullError, asyncio.CancelledError):
             raise
         except Exception as err:
+            cause = root_cause(err)
+            from ray.exceptions import RayActorError
+
             if isinstance(err, RayActorError):
                 self.view.note_failure(worker, err)
-            raise BackendError(f"{worker.name}: {root_cause(err)}") from err
+            if isinstance(err, RayActorError) or cause.split(":", 1)[0] in _LOST_CAUSES:
+                raise WorkerLost(worker, f"{worker.name}: {cause}") from err
+            raise BackendError(f"{worker.name}: {cause}") from err
 
-    # --- the decode workers' token streams -----------------------------------------------
-    def _start_pump(self, worker: WorkerHandle) -> None:
-        if worker.role in ("decode", "mixed") and worker.worker_id not in self._pumps:
-            self._pumps[worker.worker_id] = asyncio.get_running_loop().create_task(self._pump(worker))
+    # --- what the pumps need ------------------------------------------------------------
+    def _route(self, worker_request_id: str):
+        stream = self._attempts.get(worker_request_id)
+        if stream is None:
+            return None
+        return stream.queue, stream.placement.decode if stream.placement else None, stream.attempt
 
-    async def _pump(self, worker: WorkerHandle) -> None:
-        delay = 0.1
-        while True:
-            try:
-                batch = await worker.actor.next_outputs.remote(self.router_id, 1.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                self.view.note_failure(worker, err)
-                self._fail_streams_on(worker, None, BackendError(f"{worker.name} failed: {root_cause(err)}"))
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
-                continue
-            delay = 0.1
-            worker.update_load(batch.load)
-            self.view.note_alive(worker, batch.generation)
-            for delta in batch.deltas:
-                stream = self.streams.get(delta.request_id)
-                # A request's first tokens can arrive before the reply to its admit (Ray does not
-                # order replies of different calls): only the worker that admitted it sends any.
-                if stream is not None and stream.decode in (None, worker):
-                    stream.queue.put_nowait(TokenDelta(
-                        delta.request_id, delta.new_token_ids, delta.finish_reason, delta.logprobs,
-                        delta.num_cached_tokens))
-            if batch.deltas:
-                self.dispatcher.capacity_changed.set()
+    def _queues_on(self, worker: WorkerHandle, generation: int | None) -> list[asyncio.Queue]:
+        return [s.queue for s in self._attempts.values()
+                if s.placement is not None and s.placement.decode is worker and not s.settled
+                and (generation is None or s.placement.generation == generation)]
 
-    def _worker_restarted(self, worker: WorkerHandle, old_generation: int) -> None:
-        self._fail_streams_on(worker, old_generation, BackendError(
-            f"{worker.name} restarted (generation {old_generation} -> {worker.generation}); "
-            "its requests were lost"))
 
-    def _fail_streams_on(self, worker: WorkerHandle, generation: int | None, error: Exception) -> None:
-        """End the streams placed on the worker (on that generation of it, when given)."""
-        for stream in self.streams.values():
-            placement = stream.placement
-            if placement is None or placement.decode is not worker or stream.settled:
-                continue
-            if generation is None or placement.generation == generation:
-                stream.queue.put_nowait(error)
+async def _quiet(ref) -> None:
+    try:
+        await ref
+    except Exception:  # the worker is gone: nothing is left to free there
+        pass

@@ -13,6 +13,7 @@ import grpc
 
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from router.grpc_server import GrpcServer
+from router.health import follow_health
 from router.serve import ServeConfig, init_ray, load_tokenizer, running_cluster
 
 
@@ -71,9 +72,12 @@ class EmbeddedCluster:
             async with running_cluster(self.config) as backend:
                 server = GrpcServer(backend, tokenizer, "127.0.0.1", 0)
                 self.backend, self.port = backend, await server.start()
-                await server.set_serving(True)
+                await server.set_serving(backend.can_serve())
+                health = asyncio.get_running_loop().create_task(
+                    follow_health(backend.can_serve, server.set_serving))
                 ready.set_result(True)
                 await self._stop.wait()
+                health.cancel()
                 await server.stop(1.0)
         except BaseException as err:
             if not ready.done():

@@ -291,13 +291,21 @@ async def serve_grpc(
     """Serve until cancelled, then stop gracefully. The backend must already be ready.
 
     on_started, when given, is called with the bound port once the server reports SERVING.
+    Health follows the backend's can_serve() when it has one.
     """
+    from router.health import follow_health
+
     server = GrpcServer(backend, tokenizer, host, port)
     await server.start()
     await server.set_serving(True)
+    health = None
+    if hasattr(backend, "can_serve"):
+        health = asyncio.get_running_loop().create_task(follow_health(backend.can_serve, server.set_serving))
     if on_started is not None:
         on_started(server.port)
     try:
         await server.wait_for_termination()
     finally:
+        if health is not None:
+            health.cancel()
         await asyncio.shield(server.stop(grace))

@@ -90,3 +90,30 @@ def test_unknown_engine_option_is_an_error(demo_gguf_path):
 
     with pytest.raises(TypeError, match="unknown engine option 'block_sise'"):
         LLM(demo_gguf_path, block_sise=32)
+
+
+def test_a_resumed_request_continues_exactly_where_the_first_engine_left_off(tiny_checkpoints):
+    """A request resumed on a second engine with the outputs it already had (its first engine
+    died) emits only the rest, greedy and seeded alike, with penalties seeing those outputs."""
+    from engine import LLM
+
+    llm = LLM(tiny_checkpoints["llama3"], dtype="float32", device="cpu", num_blocks=64, block_size=4)
+    prompt = [5, 17, 33, 8, 91, 4, 12]
+    for params in (SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2),
+                   SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
+                                  frequency_penalty=0.5)):
+        whole = llm.generate([prompt], params)[0]
+        engine = llm.engine
+        engine.add_request(prompt, params, "resumed", output_token_ids=whole.token_ids[:8])
+        rest = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                rest += out.new_token_ids
+                final = out
+        assert rest == whole.token_ids[8:]
+        assert final.token_ids == whole.token_ids and final.finish_reason == "length"
+        if params.logprobs is not None:  # one entry per output token; the resumed ones are empty
+            assert len(final.logprobs) == 20 and final.logprobs[:8] == [{}] * 8
+            for got, want in zip(final.logprobs[8:], whole.logprobs[8:]):  # recomputed: float noise
+                assert got.keys() == want.keys()
+                assert all(abs(got[t] - want[t]) < 1e-4 for t in got)

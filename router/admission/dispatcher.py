@@ -54,12 +54,16 @@ class Dispatcher:
         self._admits: set[asyncio.Task] = set()
         self._no_workers_since: float | None = None
 
-    def submit(self, entry: QueuedRequest) -> None:
+    def submit(self, entry: QueuedRequest, bypass_bound: bool = False) -> None:
         """Place a new request now if nothing waits ahead of it and a worker has room, else
-        queue it (QueueFullError when the queue is full): only requests that wait count."""
+        queue it (QueueFullError when the queue is full): only requests that wait count. A
+        resumed request (bypass_bound) was admitted long ago and is never refused."""
         if self.queue.peek() is None and self._dispatch(entry, queued=False):
             return
-        self.queue.put(entry)
+        if bypass_bound:
+            self.queue.requeue(entry)
+        else:
+            self.queue.put(entry)
 
     async def run(self) -> None:
         while True:
@@ -80,7 +84,7 @@ class Dispatcher:
 
     # --- placing one request --------------------------------------------------------------
     def routing_request(self, entry: QueuedRequest, workers: list[WorkerHandle]) -> RoutingRequest:
-        prompt = entry.prompt_token_ids
+        prompt = entry.token_ids
         request = RoutingRequest(len(prompt))
         if self.index is not None and workers:
             hashes = entry.context.get("block_hashes")
@@ -127,7 +131,8 @@ class Dispatcher:
                      plan: PrefillPlan, blocks: int) -> None:
         try:
             reply = await decode.actor.admit.remote(
-                self.router_id, entry.request_id, entry.prompt_token_ids, entry.params, plan.remote)
+                self.router_id, entry.request_id, entry.prompt_token_ids, entry.params, plan.remote,
+                entry.output_token_ids)
         except Exception as err:
             self._admit_failed(entry, decode, err)
             return

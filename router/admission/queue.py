@@ -29,6 +29,13 @@ class QueuedRequest:
     order: int = 0  # arrival number, set by the queue
     queued: bool = False  # in the queue now (False once popped or removed)
     context: dict = field(default_factory=dict)  # the router's per-request routing data
+    # A resumed request's outputs so far (its worker died): prefilled again after the prompt.
+    output_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token the placed request starts with: the prompt, then any resumed outputs."""
+        return self.prompt_token_ids + self.output_token_ids if self.output_token_ids else self.prompt_token_ids
 
 
 class AdmissionQueue:

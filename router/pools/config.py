@@ -10,7 +10,9 @@ class PoolConfig:
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
     transfer_backend: str = "shm"  # shm (one host), torch_dist (gloo / NCCL), cuda_ipc
-    lease_ttl_s: float = 30.0  # reserved blocks are freed when no KV arrives for this long
+    # Blocks reserved for KV that stops coming (its prefill worker died) are freed after this;
+    # the prefill worker renews every third of it.
+    lease_ttl_s: float = 6.0
     torch_threads: int | None = None  # per worker; None splits this host's cores between workers
     kv_push: str = "auto"  # prefill pushes KV per chunk or per layer; auto: chunk everywhere for now
     # Registry lease of a worker: it leaves routing this long after its last heartbeat.
