@@ -13,6 +13,7 @@ one Redis never see each other's state, and `pdserve down` can find all of a clu
 | routers | set of router ids | the router | permanent |
 | pools | string (JSON pool spec) | the router that created the pools | until `pdserve down` |
 | pools_lock | string (router id) | the router creating the pools | expires (a crashed creator frees it) |
+| journal:{request id} | hash: prompt, params, router, placement, finish (+ `:tokens`: the outputs so far) | the router streaming it | 5 minutes after its last token |
 | secret | string: the KV transfer secret peers prove with an HMAC | the first router (SET NX); restored by routers and workers after a Redis loss | until `pdserve down` |
 """
 from __future__ import annotations
@@ -75,6 +76,9 @@ class ClusterKeys:
     @property
     def pools_lock(self) -> str:
         return f"{self.base}:pools_lock"
+
+    def journal(self, request_id: str) -> str:
+        return f"{self.base}:journal:{request_id}"
 
     @property
     def secret(self) -> str:

@@ -15,12 +15,15 @@ generator skips as many draws) and decoding goes on. The client sees no error, g
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from cluster_state.block_index import BlockIndexFollower
+from cluster_state.connection import is_redis_error
+from cluster_state.journal import RequestJournal
 from engine.sampling_params import SamplingParams
 from router.admission import AdmissionQueue, QueuedRequest
 from router.admission.dispatcher import Dispatcher, Placement
@@ -70,6 +73,7 @@ class _Stream:
     placement: Placement | None = None
     settled: bool = False  # finished on its own, or aborted on every worker it touched
     first_token_seen: bool = False
+    journal_gap: bool = False  # some tokens went out without being journaled (Redis was away)
 
     @property
     def worker_request_id(self) -> str:
@@ -80,7 +84,7 @@ class _Stream:
 
 class ClusterBackend:
     def __init__(self, pools: WorkerPools, view: ClusterView, index_follower: BlockIndexFollower | None,
-                 routing: RoutingConfig, router_id: str) -> None:
+                 routing: RoutingConfig, router_id: str, journal: RequestJournal | None = None) -> None:
         self.pools = pools
         self.view = view
         self.index_follower = index_follower  # keeps the KV block index current (None: no index)
@@ -96,8 +100,10 @@ class ClusterBackend:
         self.streams: dict[str, _Stream] = {}  # client request id -> stream
         self._attempts: dict[str, _Stream] = {}  # worker request id -> stream
         self.resumed = 0  # requests placed again after losing a worker
+        self.journal = journal  # what other routers need to take a stream over (None: no journal)
         self.pumps = TokenPumps(view, router_id, self._route, self._queues_on,
-                                self.dispatcher.capacity_changed.set)
+                                self.dispatcher.capacity_changed.set,
+                                self._journal_tokens if journal is not None else None)
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -142,6 +148,8 @@ class ClusterBackend:
         stream = _Stream(request_id, list(prompt_token_ids), params, priority)
         self._submit(stream)  # placed now, or queued; QueueFullError when the queue is full
         self.streams[request_id] = stream
+        await self._journal_call(stream, lambda j: j.begin(request_id, stream.prompt_token_ids,
+                                                           _params_record(params)))
         try:
             while True:
                 try:
@@ -210,6 +218,8 @@ class ClusterBackend:
         finally:
             self.queue.remove(stream.entry)  # a cancel or deadline takes it out of the queue at once
         decode = stream.placement.decode
+        await self._journal_call(stream, lambda j: j.placed(stream.request_id, decode.worker_id,
+                                                            stream.worker_request_id))
         decode.in_flight += 1
         try:
             if stream.placement.prefill is not None:
@@ -252,11 +262,13 @@ class ClusterBackend:
             prefill.prefill_tokens_in_flight -= tokens
         self._observe_first_token(stream)
         logprobs = (result.logprobs,) if result.logprobs is not None else None
+        await self._journal_tokens([(stream.request_id, (result.first_token,), None)])
         yield TokenDelta(stream.request_id, (result.first_token,), None, logprobs, reservation.num_cached_tokens)
         final = await self._call(decode, decode.actor.start_decode.remote(
             entry.request_id, placement.generation, result.first_token, result.logprobs))
         if final is not None:  # the first token already ended it (EOS, max_tokens 1)
             stream.settled = True
+            await self._journal_tokens([(stream.request_id, (), final.finish_reason)])
             yield TokenDelta(stream.request_id, (), final.finish_reason, None, reservation.num_cached_tokens)
 
     async def _decode_leg(self, stream: _Stream) -> AsyncIterator[TokenDelta]:
@@ -319,17 +331,50 @@ class ClusterBackend:
                 raise WorkerLost(worker, f"{worker.name}: {cause}") from err
             raise BackendError(f"{worker.name}: {cause}") from err
 
+    # --- the journal -------------------------------------------------------------------
+    async def _journal_tokens(self, records: list[tuple[str, tuple[int, ...], str | None]]) -> None:
+        """Journal tokens before they go out; with Redis away they go out anyway (a stream never
+        fails for the journal), and the streams remember that their journal has a gap."""
+        if self.journal is None:
+            return
+        try:
+            await self.journal.append(records)
+        except Exception as err:
+            if not is_redis_error(err):
+                raise
+            for request_id, _, _ in records:
+                stream = self.streams.get(request_id)
+                if stream is not None and not stream.journal_gap:
+                    stream.journal_gap = True
+                    logger.warning("request %s: journal not written (%s); it cannot be resumed elsewhere",
+                                   request_id, err)
+
+    async def _journal_call(self, stream: _Stream, call) -> None:
+        if self.journal is None:
+            return
+        try:
+            await call(self.journal)
+        except Exception as err:
+            if not is_redis_error(err):
+                raise
+            stream.journal_gap = True
+
     # --- what the pumps need ------------------------------------------------------------
     def _route(self, worker_request_id: str):
         stream = self._attempts.get(worker_request_id)
         if stream is None:
             return None
-        return stream.queue, stream.placement.decode if stream.placement else None, stream.attempt
+        return stream.queue, stream.placement.decode if stream.placement else None, stream.request_id
 
     def _queues_on(self, worker: WorkerHandle, generation: int | None) -> list[asyncio.Queue]:
         return [s.queue for s in self._attempts.values()
                 if s.placement is not None and s.placement.decode is worker and not s.settled
                 and (generation is None or s.placement.generation == generation)]
+
+
+def _params_record(params: SamplingParams) -> dict:
+    """SamplingParams as JSON-safe fields, for the journal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
 
 
 async def _quiet(ref) -> None:

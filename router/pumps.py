@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from router.backend import TokenDelta
 from router.pools import ClusterView, WorkerHandle, root_cause
@@ -23,14 +23,17 @@ class TokenPumps:
     the worker it was placed on (None while its admit reply has not come back), or None."""
 
     def __init__(self, view: ClusterView, router_id: str,
-                 route: Callable[[str], tuple[asyncio.Queue, WorkerHandle | None, int] | None],
+                 route: Callable[[str], tuple[asyncio.Queue, WorkerHandle | None, str] | None],
                  attempts_on: Callable[[WorkerHandle, int | None], list[asyncio.Queue]],
-                 on_batch: Callable[[], None]) -> None:
+                 on_batch: Callable[[], None],
+                 journal: Callable[[list[tuple[str, tuple[int, ...], str | None]]], Awaitable[None]] | None = None
+                 ) -> None:
         self.view = view
         self.router_id = router_id
-        self.route = route
+        self.route = route  # worker request id -> (queue, placed worker or None, client request id)
         self.attempts_on = attempts_on  # the queues of attempts placed on a worker (a generation)
         self.on_batch = on_batch
+        self.journal = journal  # records a batch's tokens before any of them is delivered
         self._tasks: dict[str, asyncio.Task] = {}
 
     def start(self, worker: WorkerHandle) -> None:
@@ -62,13 +65,18 @@ class TokenPumps:
             delay = 0.1
             worker.update_load(batch.load)
             self.view.note_alive(worker, batch.generation)
+            deliveries = []
             for delta in batch.deltas:
                 target = self.route(delta.request_id)
                 # A request's first tokens can arrive before the reply to its admit (Ray does not
                 # order replies of different calls): only the worker that admitted it sends any.
                 if target is not None and target[1] in (None, worker):
-                    target[0].put_nowait(TokenDelta(delta.request_id, delta.new_token_ids, delta.finish_reason,
-                                                    delta.logprobs, delta.num_cached_tokens))
+                    deliveries.append((target, delta))
+            if deliveries and self.journal is not None:
+                await self.journal([(target[2], d.new_token_ids, d.finish_reason) for target, d in deliveries])
+            for (queue, _, client_id), delta in deliveries:
+                queue.put_nowait(TokenDelta(client_id, delta.new_token_ids, delta.finish_reason,
+                                            delta.logprobs, delta.num_cached_tokens))
             if batch.deltas:
                 self.on_batch()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from cluster_state import ClusterKeys, RedisSettings, connect, redacted_url
 from cluster_state.block_index import BlockIndexFollower
+from cluster_state.journal import RequestJournal
 from cluster_state.keys import DEFAULT_CLUSTER_NAME
 from cluster_state.presence import node_ip
 from cluster_state.registry import WorkerRegistry
@@ -150,7 +151,8 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
                 follower = BlockIndexFollower(
                     redis, keys, lambda: [w.key for w in view.workers.values() if w.registered])
                 tasks += [asyncio.create_task(view.run()), asyncio.create_task(follower.run())]
-                backend = ClusterBackend(pools, view, follower, config.routing, config.router_id)
+                journal = RequestJournal(redis, keys, config.router_id)
+                backend = ClusterBackend(pools, view, follower, config.routing, config.router_id, journal)
                 await backend.start()
                 try:
                     yield backend
