@@ -14,6 +14,7 @@ one Redis never see each other's state, and `pdserve down` can find all of a clu
 | pools | string (JSON pool spec) | the router that created the pools | until `pdserve down` |
 | pools_lock | string (router id) | the router creating the pools | expires (a crashed creator frees it) |
 | journal:{request id} | hash: prompt, params, router, placement, finish (+ `:tokens`: the outputs so far) | the router streaming it | 5 minutes after its last token |
+| ratelimit:{key hash}:requests / :tokens | hash: a token bucket's level and time | the routers | 2 minutes after last use |
 | secret | string: the KV transfer secret peers prove with an HMAC | the first router (SET NX); restored by routers and workers after a Redis loss | until `pdserve down` |
 """
 from __future__ import annotations
