@@ -16,6 +16,8 @@ from typing import Any
 
 from router.backend import QueueFullError
 
+_ARRIVALS = itertools.count()  # arrival order of every request this router took, for FIFO ties
+
 
 @dataclass(eq=False)
 class QueuedRequest:
@@ -26,7 +28,7 @@ class QueuedRequest:
     enqueued_at: float = field(default_factory=time.monotonic)
     # Set by the dispatcher to the placement once a worker admitted the request.
     placed: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    order: int = 0  # arrival number, set by the queue
+    order: int = field(default_factory=lambda: next(_ARRIVALS))  # arrival order: the FIFO tie-break
     queued: bool = False  # in the queue now (False once popped or removed)
     context: dict = field(default_factory=dict)  # the router's per-request routing data
     # A resumed request's outputs so far (its worker died): prefilled again after the prompt.
@@ -45,7 +47,6 @@ class AdmissionQueue:
         self.max_queued = max_queued
         self._heap: list[tuple[int, int, QueuedRequest]] = []
         self._count = 0  # live entries (removed ones linger in the heap until they surface)
-        self._arrivals = itertools.count()
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
@@ -57,7 +58,6 @@ class AdmissionQueue:
             raise QueueFullError(
                 f"the admission queue is full: {self._count} requests are waiting for a decode "
                 f"worker (--max-queued-requests {self.max_queued})")
-        entry.order = next(self._arrivals)
         self._push(entry)
 
     def requeue(self, entry: QueuedRequest) -> None:
@@ -66,8 +66,10 @@ class AdmissionQueue:
         self._push(entry)
 
     def _push(self, entry: QueuedRequest) -> None:
-        entry.queued = True
+        if entry.queued:
+            return
         heapq.heappush(self._heap, (entry.priority, entry.order, entry))
+        entry.queued = True
         self._count += 1
         self._changed.set()
 
