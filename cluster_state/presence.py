@@ -32,11 +32,17 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
-def registry_record(spec: WorkerSpec, engine: Any, receiver: Any | None) -> WorkerRecord:
+def worker_node(spec: WorkerSpec) -> str:
+    """The address this worker's KV endpoints listen on and that its peers compare nodes by."""
+    return spec.host or node_ip()
+
+
+def registry_record(spec: WorkerSpec, engine: Any, receivers: Any | None) -> WorkerRecord:
     """The record a worker registers (generation 0: the agent takes one)."""
+    endpoints = receivers.endpoints if receivers is not None else {}
     return WorkerRecord(
-        worker_id=spec.worker_id, role=spec.role, actor_name=spec.actor_name, node_ip=node_ip(),
-        pid=os.getpid(), endpoint=receiver.endpoint if receiver is not None else None,
+        worker_id=spec.worker_id, role=spec.role, actor_name=spec.actor_name, node_ip=worker_node(spec),
+        pid=os.getpid(), endpoint=next(iter(endpoints.values()), None), endpoints=endpoints,
         transfer_backend=spec.transfer_backend, kv_layout=engine.kv_layout_fields(),
         max_num_seqs=engine.config.scheduler.max_num_seqs, num_blocks=engine.kv_shape.num_blocks,
         bytes_per_block=engine.kv_shape.bytes_per_block, max_model_len=engine.max_model_len,

@@ -73,6 +73,7 @@ class WorkerRecord(JsonRecord):
     max_model_len: int = 0
     generation: int = 0  # 0 until registered
     started_at: float = 0.0
+    endpoints: dict = field(default_factory=dict)  # decode: KV receiver endpoint per backend
 
     @property
     def block_size(self) -> int:

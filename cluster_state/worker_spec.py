@@ -17,7 +17,7 @@ class WorkerSpec:
     worker_id: str  # stable across restarts: "prefill-0", "decode-1", "mixed-0"
     role: str  # prefill | decode | mixed (colocated: prefills and decodes, no KV receiver)
     engine: Any  # engine.config.EngineConfig (kept opaque here: this package imports no engine)
-    transfer_backend: str = "shm"
+    transfer_backend: str = "auto"  # or shm | torch_dist | cuda_ipc for every pair
     lease_ttl_s: float = 6.0  # a decode worker frees blocks reserved for KV that stops coming
     torch_threads: int | None = None
     kv_push: str = "auto"  # prefill: push KV per chunk or per layer

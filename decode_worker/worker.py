@@ -17,7 +17,7 @@ import torch
 
 from cluster_state.agent import WorkerAgent
 from cluster_state.load import LoadReport
-from cluster_state.presence import fetch_cluster_secret, load_report, node_ip, registry_record, start_agent
+from cluster_state.presence import fetch_cluster_secret, load_report, registry_record, start_agent, worker_node
 from cluster_state.worker_spec import WorkerSpec
 from decode_worker.outbox import RouterOutboxes, StepDelta
 from engine.background import BackgroundEngine
@@ -26,7 +26,8 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import AdmissionRefusal
 from engine.step_stats import EngineLoad
-from kv_transfer import KVLayout, LeaseTable, TransferTicket, create_receiver
+from engine.llm_engine import resolve_device
+from kv_transfer import KVLayout, LeaseTable, ReceiverSet, TransferTicket
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class DecodeWorker:
             raise ValueError(f"decode worker role must be 'decode' or 'mixed', got {spec.role!r}")
         self.spec = spec
         self.role = spec.role
-        self.receiver = None
+        self.receivers = None
         self.background: BackgroundEngine | None = None
         self.agent: WorkerAgent | None = None
         self.generation = 0
@@ -126,7 +127,9 @@ class DecodeWorker:
     def info(self) -> dict:
         engine = self.background.engine
         return {"layout": engine.kv_layout_fields(), "max_model_len": engine.max_model_len,
-                "endpoint": self.receiver.endpoint if self.receiver else None,
+                "endpoint": self.receivers.primary.endpoint if self.receivers else None,
+                "endpoints": self.receivers.endpoints if self.receivers else {},
+                "node": worker_node(self.spec),
                 "generation": self.generation, "worker_id": self.spec.worker_id, "pid": os.getpid()}
 
     async def _start(self) -> None:
@@ -142,13 +145,12 @@ class DecodeWorker:
         self.outboxes = RouterOutboxes(self._loop, spec.router_lease_s)
         self.background.start()
         if spec.redis_url:
-            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, self.receiver),
+            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, self.receivers),
                                            self._secret)
             self.generation = self.agent.generation
             self._tasks.append(self._loop.create_task(self.agent.run()))
-        if self.receiver is not None:
-            self.receiver.generation = self.generation
-            self.receiver.peer_check = self._check_peer
+        if self.receivers is not None:
+            self.receivers.configure(self.generation, self._check_peer)
         self._tasks.append(self._loop.create_task(self._expire_forever()))
 
     async def _ready(self) -> None:
@@ -161,14 +163,16 @@ class DecodeWorker:
         return LLMEngine(self.spec.engine, kv_cache_factory=self._open_receiver, detokenize=False)
 
     def _open_receiver(self, shape, model_name: str) -> torch.Tensor:
-        """The receiver allocates the KV cache, where prefill workers write directly."""
+        """The receivers (one per backend the pairs may use) allocate the KV cache, where prefill
+        workers write directly."""
         layout = KVLayout(model=model_name, dtype=str(shape.dtype).removeprefix("torch."),
                           block_size=shape.block_size, num_layers=shape.num_layers,
                           num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
         options = {"authkey": self._secret} if self._secret else {}
-        self.receiver = create_receiver(self.spec.transfer_backend, layout, shape.num_blocks,
-                                        host=self.spec.host or node_ip(), **options)
-        return self.receiver.kv_cache
+        self.receivers = ReceiverSet(self.spec.transfer_backend, layout, shape.num_blocks,
+                                     node=worker_node(self.spec), device=resolve_device(self.spec.engine.device),
+                                     **options)
+        return self.receivers.kv_cache
 
     def _check_peer(self, sender_id: str, generation: int) -> str | None:
         """Refuse a sender the registry knows a newer incarnation of."""
@@ -185,8 +189,8 @@ class DecodeWorker:
             await self.agent.close()
         if self.background is not None:
             self.background.stop()
-        if self.receiver is not None:
-            self.receiver.close()
+        if self.receivers is not None:
+            self.receivers.close()
 
     async def pid(self) -> int:
         return os.getpid()
@@ -194,16 +198,17 @@ class DecodeWorker:
     # --- admission --------------------------------------------------------------------
     async def admit(self, router_id: str, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, remote_prefill: bool,
-                    output_token_ids: list[int] = ()) -> AdmitReply:
+                    output_token_ids: list[int] = (), prefill: tuple[str, str] | None = None) -> AdmitReply:
         """Take the request if a sequence slot and the KV blocks are free now.
 
         remote_prefill: the prompt's KV comes from a prefill worker, so hold its blocks and
         return a ticket; otherwise this worker prefills it itself and its tokens (the first
         one too) arrive through next_outputs. output_token_ids: what the request already
-        generated on a decode worker that died; it continues from there.
+        generated on a decode worker that died; it continues from there. prefill: (worker id,
+        node) of the prefill worker that will push the KV, which picks the backend for the pair.
         """
         await self._ready()
-        if remote_prefill and self.receiver is None:
+        if remote_prefill and self.receivers is None:
             raise ValueError(f"{self.spec.worker_id} has no KV receiver (role {self.role})")
         self.outboxes.assign(request_id, router_id)  # before the engine can emit a token
         try:
@@ -223,16 +228,17 @@ class DecodeWorker:
             return AdmitReply(False, self.generation, self._report(load), limit=result.limit,
                               detail=result.detail)
         num_tokens = len(prompt_token_ids) + len(output_token_ids)
-        reservation = self._issue_ticket(request_id, num_tokens, *result) if remote_prefill else None
+        reservation = self._issue_ticket(request_id, num_tokens, *result, prefill) if remote_prefill else None
         return AdmitReply(True, self.generation, self._report(load), reservation)
 
-    def _issue_ticket(self, request_id: str, num_tokens: int, num_cached: int,
-                      block_table: list[int]) -> Reservation:
-        first_block = num_cached // self.receiver.layout.block_size
+    def _issue_ticket(self, request_id: str, num_tokens: int, num_cached: int, block_table: list[int],
+                      prefill: tuple[str, str] | None) -> Reservation:
+        first_block = num_cached // self.receivers.layout.block_size
+        sender_id, sender_node = prefill or (None, None)
         try:
-            ticket = self.receiver.issue_ticket(
+            ticket = self.receivers.issue_ticket(
                 request_id, block_table[first_block:], num_tokens - num_cached,
-                lease_id=request_id, first_token=num_cached)
+                lease_id=request_id, first_token=num_cached, sender_id=sender_id, sender_node=sender_node)
         except Exception:
             self.background.call(lambda engine: engine.abort_request(request_id))
             self.outboxes.forget(request_id)
@@ -271,18 +277,18 @@ class DecodeWorker:
             raise
         self._in_transfer.discard(request_id)
         self.leases.release(request_id)
-        self.receiver.release(request_id)
+        self.receivers.release(request_id)
         out = await self._call(lambda engine: engine.start_after_transfer(request_id, first_token, logprobs))
         return _to_delta(out) if out is not None and out.finished else None
 
     async def _await_transfer(self, request_id: str, timeout_s: float | None) -> None:
         """Poll without holding a thread; DONE returns, FAILED / a stall raise."""
-        deadline = time.monotonic() + (self.receiver.timeout_s if timeout_s is None else timeout_s)
+        deadline = time.monotonic() + (self.receivers.timeout_s if timeout_s is None else timeout_s)
         delay = 0.0005
-        while not self.receiver.poll(request_id).finished and time.monotonic() < deadline:
+        while not self.receivers.poll(request_id).finished and time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.01)
-        self.receiver.wait(request_id, 0)
+        self.receivers.wait(request_id, 0)
 
     # --- ending requests -----------------------------------------------------------------
     async def abort(self, request_id: str) -> None:
@@ -308,9 +314,9 @@ class DecodeWorker:
 
     async def _abort_now(self, request_id: str) -> None:
         self.leases.release(request_id)
-        if self.receiver is not None:
-            self.receiver.cancel(request_id, "aborted")
-            self.receiver.release(request_id)
+        if self.receivers is not None:
+            self.receivers.cancel(request_id, "aborted")
+            self.receivers.release(request_id)
         await self._call(lambda engine: engine.abort_request(request_id))
 
     def _on_lease_expired(self, lease_id: str) -> None:
@@ -350,7 +356,7 @@ class DecodeWorker:
         await self._ready()
 
         def collect(engine: LLMEngine) -> WorkerStats:
-            counters = self.receiver.snapshot() if self.receiver is not None else None
+            counters = self.receivers.snapshot() if self.receivers is not None else None
             prefix = engine.kv_manager.stats()
             return WorkerStats(
                 role=self.role, num_blocks=engine.kv_manager.num_blocks,

@@ -24,6 +24,7 @@ Decode worker (receiver) and prefill worker (sender), one request:
     rx.wait("req-1", timeout_s=5.0)   # DONE; raises TransferError / TransferTimeout otherwise
     leases.release(ticket.lease_id); rx.release("req-1")        # blocks now belong to the engine
 """
+from kv_transfer.auto import ReceiverSet, SenderSet, choose_backend
 from kv_transfer.blocks import gather_blocks, scatter_blocks
 from kv_transfer.counters import CountersSnapshot, TransferCounters
 from kv_transfer.errors import KVLayoutMismatch, TransferError, TransferTimeout
@@ -41,6 +42,8 @@ __all__ = [
     "KVLayoutMismatch",
     "KVReceiver",
     "KVSender",
+    "ReceiverSet",
+    "SenderSet",
     "LeaseTable",
     "TransferCounters",
     "TransferError",
@@ -48,6 +51,7 @@ __all__ = [
     "TransferTicket",
     "TransferTimeout",
     "check_layouts",
+    "choose_backend",
     "create_receiver",
     "create_sender",
     "gather_blocks",

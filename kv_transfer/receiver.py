@@ -99,7 +99,7 @@ class KVReceiver(abc.ABC):
     ) -> TransferTicket:
         """Register reserved blocks for a request and return the ticket to hand to the sender."""
         ticket = TransferTicket(request_id, self.endpoint, tuple(block_ids), num_tokens, lease_id, first_token,
-                                self.generation)
+                                self.generation, self.backend)
         bad = [b for b in ticket.block_ids if b >= self.num_blocks]
         if bad:
             raise ValueError(f"blocks {bad} out of range for a cache of {self.num_blocks} blocks")

@@ -38,6 +38,7 @@ class TransferTicket:
     lease_id: str
     first_token: int = 0
     generation: int = 0  # the issuing receiver's incarnation; another incarnation refuses it
+    backend: str = "shm"  # the issuing receiver's backend: the sender pushes over the same one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_ids", tuple(int(b) for b in self.block_ids))

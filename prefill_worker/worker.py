@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from cluster_state.agent import WorkerAgent
-from cluster_state.presence import fetch_cluster_secret, registry_record, start_agent
+from cluster_state.presence import fetch_cluster_secret, registry_record, start_agent, worker_node
 from cluster_state.worker_spec import WorkerSpec
 from engine.background import BackgroundEngine
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from kv_transfer import KVLayout, TransferTicket, create_sender
+from engine.llm_engine import resolve_device
+from kv_transfer import KVLayout, SenderSet, TransferTicket, choose_backend
 from prefill_worker.pusher import KVPusher
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class PrefillWorker:
         await asyncio.shield(self._start_task)
         engine = self.background.engine
         return {"layout": engine.kv_layout_fields(), "max_model_len": engine.max_model_len,
-                "push_granularity": self.pusher.granularity, "generation": self.generation,
+                "push_granularity": self.pusher.granularity, "generation": self.generation, "node": self.node,
                 "worker_id": self.spec.worker_id, "pid": os.getpid()}
 
     async def _start(self) -> None:
@@ -87,7 +88,9 @@ class PrefillWorker:
             await asyncio.to_thread(engine.calibrate)
         layout = KVLayout(**engine.kv_layout_fields())
         options = {"authkey": secret} if secret else {}
-        self.sender = create_sender(spec.transfer_backend, layout, sender_id=spec.worker_id, **options)
+        device = resolve_device(spec.engine.device)
+        self.sender = SenderSet(layout, sender_id=spec.worker_id, device=device, **options)
+        self.node = worker_node(spec)
         self.pusher = KVPusher(self.sender, engine.runner.kv_cache, layout.block_size,
                                engine.kv_manager.get_block_ids, spec.kv_push)
         engine.after_forward = self.pusher.after_forward
@@ -112,15 +115,26 @@ class PrefillWorker:
         rate = counters.bytes / counters.seconds if counters.seconds > 0 else 0.0
         return {"transfer_bytes_per_s": rate}
 
-    async def connect(self, endpoints: list[str]) -> None:
-        """Handshake with these decode workers' receivers now, not on a request's critical path.
+    async def connect(self, peers: list[dict]) -> None:
+        """Handshake with these decode workers' receivers now, not on a request's critical path:
+        each peer is {"endpoints": {backend: endpoint}, "node": address}, and the link uses the
+        backend this pair will (see kv_transfer.auto).
 
         Raises KVLayoutMismatch naming the differing fields when a decode worker's cache
         layout is not this worker's.
         """
         await self._ready()
-        for endpoint in endpoints:
-            await asyncio.to_thread(self.sender.connect, endpoint)
+        for peer in peers:
+            await asyncio.to_thread(self._link, peer["endpoints"], peer["node"])
+
+    def _link(self, endpoints: dict[str, str], node: str) -> str:
+        backend = choose_backend(self.spec.transfer_backend, self.node, node, self.sender_device_type)
+        self.sender.connect(endpoints[backend], backend)
+        return endpoints[backend]
+
+    @property
+    def sender_device_type(self) -> str:
+        return resolve_device(self.spec.engine.device).type
 
     async def _connect_peers_forever(self, period_s: float = 1.0) -> None:
         """Link to every decode worker in the registry, a restarted one included, ahead of its
@@ -128,15 +142,17 @@ class PrefillWorker:
         while True:
             for peer in list(self.agent.peers.values()):
                 record = peer.record
-                if record.role != "decode" or not record.endpoint:
+                if record.role != "decode" or not record.endpoints:
                     continue
-                if self._connected.get(record.endpoint) == record.generation:
+                if self._connected.get(record.worker_id) == record.generation:
                     continue
                 try:
-                    await asyncio.to_thread(self.sender.connect, record.endpoint)
-                    self._connected[record.endpoint] = record.generation
-                except Exception as err:  # logged; the request path reconnects on demand
-                    logger.warning("cannot link to %s at %s: %s", record.worker_id, record.endpoint, err)
+                    await asyncio.to_thread(self._link, record.endpoints, record.node_ip)
+                    self._connected[record.worker_id] = record.generation
+                except Exception as err:  # logged once; the request path reconnects on demand
+                    if self._connected.get(record.worker_id) != -record.generation:
+                        logger.warning("cannot link to %s at %s: %s", record.worker_id, record.endpoints, err)
+                    self._connected[record.worker_id] = -record.generation
             await asyncio.sleep(period_s)
 
     async def pid(self) -> int:

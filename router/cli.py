@@ -172,10 +172,11 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--prefill-workers", type=int, default=1, help="prefill pool size (default 1)")
     g.add_argument("--decode-workers", type=int, default=1,
                    help="decode pool size; in colocated mode, the number of mixed workers (default 1)")
-    g.add_argument("--kv-transfer-backend", default="shm", choices=["shm", "torch_dist", "cuda_ipc"],
-                   help="how KV moves from prefill to decode: shm (shared memory, one host), "
-                        "torch_dist (gloo on CPU, NCCL on GPU; across hosts), cuda_ipc (one node) "
-                        "(default: shm)")
+    g.add_argument("--kv-transfer-backend", default="auto", choices=["auto", "shm", "torch_dist", "cuda_ipc"],
+                   help="how KV moves from prefill to decode: auto (per pair: shared memory, or CUDA "
+                        "IPC on GPUs, when both workers are on one node; torch.distributed across "
+                        "nodes), shm (shared memory, one host), torch_dist (gloo on CPU, NCCL on GPU), "
+                        "cuda_ipc (one node's GPUs) (default: auto)")
     g.add_argument("--kv-push", default="auto", choices=["auto", "chunk", "layer"],
                    help="when the prefill worker sends KV: after each chunk of the prompt (all layers "
                         "at once) or after each layer, overlapping the transfer with the next layers' "

@@ -18,7 +18,7 @@ NUM_BLOCKS = 32
 def decode_spec(config: EngineConfig, role: str = "decode", **kwargs) -> WorkerSpec:
     """A worker driven directly: no Redis, no calibration (fast), loopback endpoints."""
     return WorkerSpec(worker_id=f"{role}-0", role=role, engine=config, calibrate=False,
-                      host="127.0.0.1", **kwargs)
+                      host="127.0.0.1", **{"transfer_backend": "shm", **kwargs})
 
 
 async def wait_until(predicate, timeout_s: float = 10.0) -> bool:

@@ -232,3 +232,34 @@ def test_a_peer_without_the_secret_is_refused_and_nothing_is_unpickled() -> None
             raw.recv(64)
             raw.sendall(pickle.dumps(("hello", "x", 0, {}, "shm", "cpu")).ljust(64, b"\0"))
             assert raw.recv(64) == b""  # closed on a wrong proof
+
+
+def test_auto_picks_shared_memory_on_one_node_and_torch_distributed_across_nodes() -> None:
+    from kv_transfer import ReceiverSet, SenderSet, choose_backend
+
+    assert choose_backend("auto", "10.0.0.1", "10.0.0.1", "cpu") == "shm"
+    assert choose_backend("auto", "10.0.0.1", "10.0.0.1", "cuda") == "cuda_ipc"
+    assert choose_backend("auto", "10.0.0.2", "10.0.0.1", "cuda") == "torch_dist"
+    assert choose_backend("auto", None, "10.0.0.1", "cpu") == "torch_dist"
+    assert choose_backend("shm", "10.0.0.2", "10.0.0.1", "cpu") == "shm"
+    receivers = ReceiverSet("auto", LAYOUT, 8, node="127.0.0.1")
+    senders = SenderSet(LAYOUT, sender_id="prefill-0")
+    try:
+        assert set(receivers.endpoints) == {"shm", "torch_dist"}
+        # Both receivers land in the same cache: the shm file the first one allocated.
+        assert receivers.receivers["torch_dist"].kv_cache.data_ptr() == receivers.kv_cache.data_ptr()
+        blocks = torch.randn(LAYOUT.cache_shape(2))
+        for i, (node, backend) in enumerate((("127.0.0.1", "shm"), ("10.9.9.9", "torch_dist"))):
+            ticket = receivers.issue_ticket(f"r{i}", [2 * i, 2 * i + 1], 8, f"l{i}", 0, "prefill-0", node)
+            assert ticket.backend == backend and ticket.endpoint == receivers.endpoints[backend]
+            senders.send_blocks(ticket, blocks)
+            senders.send_done(ticket)
+            assert receivers.wait(f"r{i}", 10) is TransferState.DONE
+            receivers.release(f"r{i}")
+            assert torch.equal(receivers.kv_cache[2 * i: 2 * i + 2], blocks)
+        assert receivers.choices == {"shm": 1, "torch_dist": 1}
+        assert set(senders.snapshots()) == {"shm", "torch_dist"}
+        assert receivers.snapshot().transfers == 2 and senders.snapshot().bytes == 2 * blocks.numel() * 4
+    finally:
+        senders.close()
+        receivers.close()

@@ -130,9 +130,10 @@ class Dispatcher:
     async def _admit(self, entry: QueuedRequest, decode: WorkerHandle, prefill: WorkerHandle | None,
                      plan: PrefillPlan, blocks: int) -> None:
         try:
+            sender = (prefill.worker_id, prefill.node) if plan.remote else None
             reply = await decode.actor.admit.remote(
                 self.router_id, entry.request_id, entry.prompt_token_ids, entry.params, plan.remote,
-                entry.output_token_ids)
+                entry.output_token_ids, sender)
         except Exception as err:
             self._admit_failed(entry, decode, err)
             return

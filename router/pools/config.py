@@ -9,7 +9,8 @@ class PoolConfig:
     mode: str = "disaggregated"  # disaggregated: prefill + decode pools; colocated: mixed workers
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
-    transfer_backend: str = "shm"  # shm (one host), torch_dist (gloo / NCCL), cuda_ipc
+    # auto: per pair, shm / CUDA IPC on one node, torch_dist across nodes; or one backend for all
+    transfer_backend: str = "auto"
     # Blocks reserved for KV that stops coming (its prefill worker died) are freed after this;
     # the prefill worker renews every third of it.
     lease_ttl_s: float = 6.0

@@ -45,6 +45,11 @@ class WorkerHandle:
         return self.worker_id, self.generation
 
     @property
+    def node(self) -> str | None:
+        """The address its KV endpoints listen on (what picks the backend of a pair)."""
+        return self.record.node_ip if self.record is not None else self.info.get("node")
+
+    @property
     def block_size(self) -> int:
         layout = self.info.get("layout") or (self.record.kv_layout if self.record else {})
         return int(layout.get("block_size", 16))

@@ -169,10 +169,11 @@ class WorkerPools:
     async def _check_layouts(self) -> None:
         """Pre-connect every prefill worker to every decode worker's KV receiver; the handshake
         refuses (and names) any difference in KV layout."""
-        endpoints = [w.info["endpoint"] for w in self.decode if w.info.get("endpoint")]
+        peers = [{"endpoints": w.info["endpoints"], "node": w.info["node"]} for w in self.decode
+                 if w.info.get("endpoints")]
         for worker in self.prefill:
             try:
-                await worker.actor.connect.remote(endpoints)
+                await worker.actor.connect.remote(peers)
             except Exception as err:
                 raise ClusterStartError(
                     f"{worker.name} refused the decode pool's KV layout: {root_cause(err)}") from err

@@ -140,7 +140,8 @@ class ClusterView:
         except ValueError:
             return None  # registered, but its actor is gone (a pool being torn down)
         info = {"layout": live.record.kv_layout, "max_model_len": live.record.max_model_len,
-                "endpoint": live.record.endpoint, "generation": live.record.generation}
+                "endpoint": live.record.endpoint, "endpoints": live.record.endpoints,
+                "node": live.record.node_ip, "generation": live.record.generation}
         return self.add(WorkerHandle(live.record.worker_id, live.record.role, actor, live.record,
                                      live.load, info))
 
