@@ -104,7 +104,8 @@ class LLMEngine:
         queued = 0
         for request in scheduler.requests.values():
             if request.status is not RequestStatus.WAITING_FOR_KV and request.is_prefilling:
-                queued += request.num_tokens - request.num_computed_tokens
+                computed = max(request.num_computed_tokens, request.expected_cached_tokens)
+                queued += max(0, request.num_tokens - computed)
         fit = self.step_cost.fit()
         return EngineLoad(
             num_running=len(scheduler.running) - scheduler.num_waiting_for_kv,

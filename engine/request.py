@@ -75,6 +75,9 @@ class Request:
         self.num_resumed_tokens = len(output_token_ids)  # outputs generated before it came here
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit at the last admission, for metrics
+        # What the prefix cache held of it when it was queued: the part of its prompt that will
+        # most likely not be computed (the load a worker reports counts the rest as queued work).
+        self.expected_cached_tokens = 0
         self.num_preemptions = 0
         # Sampled logprobs, one entry per output token when sampling_params.logprobs is set
         # (an empty dict for each resumed token: their logprobs went out from the other engine).

@@ -77,6 +77,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.check_fits(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        request.expected_cached_tokens = self.kv_manager.get_computed_blocks(request).num_computed_tokens
         self.requests[request.request_id] = request
         self.waiting.append(request)
 

@@ -250,7 +250,7 @@ class ClusterBackend:
         entry, placement = stream.entry, stream.placement
         prefill, decode = placement.prefill, placement.decode
         reservation = placement.reservation
-        tokens = len(entry.prompt_token_ids) + len(entry.output_token_ids) - reservation.num_cached_tokens
+        tokens = placement.prefill_tokens  # what the prefill worker computes (its own cache's hits aside)
         prefill.in_flight += 1
         prefill.prefill_tokens_in_flight += tokens
         try:

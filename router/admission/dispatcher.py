@@ -35,6 +35,7 @@ class Placement:
     plan: PrefillPlan
     reservation: Any  # decode_worker.Reservation when prefilled remotely, else None
     placed_at: float
+    prefill_tokens: int = 0  # tokens the prefill worker will compute (the index's estimate)
 
 
 class Dispatcher:
@@ -108,6 +109,8 @@ class Dispatcher:
         decode = self.policy.choose(candidates, request)
         prefill = self.policy.choose(prefill_workers, request) if prefill_workers else None
         plan = self.disaggregation.plan(request, decode, prefill)
+        if prefill is not None:
+            entry.context["uncached_on"] = {prefill.worker_id: request.uncached_tokens(prefill)}
         blocks = self._blocks_needed(decode, request)
         if queued:
             self.queue.pop()
@@ -150,8 +153,9 @@ class Dispatcher:
                          entry.request_id, reply.detail)
             self._requeue(entry)
             return
+        prefill_tokens = entry.context.get("uncached_on", {}).get(prefill.worker_id, 0) if prefill else 0
         placement = Placement(decode, reply.generation, prefill if plan.remote else None, plan,
-                              reply.reservation, time.monotonic())
+                              reply.reservation, time.monotonic(), prefill_tokens)
         if entry.placed.done():  # the client gave up while the admit was on its way
             await asyncio.shield(decode.actor.abort.remote(entry.request_id))
             return
