@@ -8,7 +8,7 @@ each. Without a C compiler the engine uses torch ops for all of it.
 """
 from engine.native.build import NativeBuildError, load_library
 from engine.native.cpu_ops import NativeCpuOps
-from engine.native.cpu_decode import MAX_NATIVE_ROWS, CpuDecodeStep, DecodeStepOutput, stream_sum, unsupported_reason
+from engine.native.cpu_decode import MAX_NATIVE_ROWS, CpuDecodeStep, DecodeStepOutput, stream_read, unsupported_reason
 
-__all__ = ["MAX_NATIVE_ROWS", "CpuDecodeStep", "DecodeStepOutput", "NativeBuildError", "NativeCpuOps", "load_library", "stream_sum",
+__all__ = ["MAX_NATIVE_ROWS", "CpuDecodeStep", "DecodeStepOutput", "NativeBuildError", "NativeCpuOps", "load_library", "stream_read",
            "unsupported_reason"]
