@@ -87,7 +87,6 @@ class ModelRunner:
         self._logits_buffer: torch.Tensor | None = None  # the native step's output, reused
         self.ops = None  # engine.model.ops.TorchOps
         if self.native_decode is None:
-            model.pack_for_cpu_matmuls()
             model.use_column_major_weights()
         else:
             self.ops = NativeCpuOps(self.native_decode.library)

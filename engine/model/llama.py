@@ -218,21 +218,19 @@ class LlamaForCausalLM(nn.Module):
         self._lay_out_for_device()
 
     def _lay_out_for_device(self) -> None:
-        """Points the LM head at its weight: the embedding's when tied."""
+        """Points the LM head at its weight (the embedding's when tied). On the CPU, gives each
+        float32 projection oneDNN's packed copy for batches of 3 rows and more (see
+        packed_linear), beside the row-major weight that the native decode step streams. This
+        trades memory (about twice the weights) for speed, and must run again if the weights
+        change. Stored weights (engine.model.stored) need no second copy: their kernels unpack
+        tiles as they go. On CUDA, nothing changes."""
         head_module = self.embed_tokens if self.lm_head is None else self.lm_head
         if isinstance(head_module, (StoredLinear, StoredEmbedding)):
             self._head_weight = head_module.stored
             return
-        self._head_weight = head_module.weight.detach()  # a plain tensor: assigning a Parameter would register it
-
-    def pack_for_cpu_matmuls(self) -> None:
-        """For decode through torch ops on the CPU (no native step): gives each float32
-        projection oneDNN's packed copy for batches of 3 rows and more (see packed_linear). This
-        trades memory (a second copy of the weights) for speed, and must run again if the
-        weights change. Stored weights and CUDA are left as they are."""
-        if not isinstance(self._head_weight, torch.Tensor) or self._head_weight.device.type != "cpu":
+        head = self._head_weight = head_module.weight.detach()  # a plain tensor: a Parameter would register
+        if head.device.type != "cpu":
             return
-        head = self._head_weight
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, Linear):

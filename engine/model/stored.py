@@ -4,13 +4,12 @@ Q8_0, Q4_K, Q5_K, Q6_K), float16 and bfloat16, next to plain float32.
 A `StoredMatrix` is a projection's (rows, cols) weight as one to three row segments (a fused
 QKV whose parts a GGUF file stores in different formats), each a uint8 tensor of whole rows in
 the format's own bytes. `StoredLinear` and `StoredEmbedding` are the model's modules over such
-a matrix. Nothing here ever holds a float32 copy of a whole matrix: prefill unpacks a tile of
-rows at a time into a small reused buffer and runs torch's matmul on it; a few rows go through
-the native kernels, which unpack in registers (engine.native.stored_ops).
+a matrix. Nothing here ever holds a float32 copy of a whole matrix: the native kernels
+(engine.native.stored_ops) unpack weights in registers, or a tile at a time into a small buffer
+for prefill's matmul.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -83,23 +82,13 @@ class StoredMatrix:
         return f"StoredMatrix({self.rows}, {self.cols}, {'+'.join(self.formats)})"
 
 
-# Tiles of this many float32 weights (1 MiB) at most: unpacked once, then reused by every row
-# of the prompt from L2 while torch's matmul runs over them.
-TILE_WEIGHTS = 2**18
-# Up to this many rows, the native kernels multiply straight from the stored blocks (each
-# unpacked weight serves all rows, as in a decode step); a matmul over unpacked tiles pays off
-# only for more.
+# Up to this many rows the native kernels run the product as a decode step does (each weight
+# unpacked in registers once for all rows); for more, a blocked GEMM that unpacks a tile of
+# weight rows into a small buffer and reuses it for every row (engine/native/stored_gemm.c).
 NATIVE_MAX_ROWS = 64
-
-_local = threading.local()
-
-
-def _tile_buffer(numel: int) -> torch.Tensor:
-    """This thread's reused float32 buffer of at least `numel` elements."""
-    buffer = getattr(_local, "tile", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _local.tile = torch.empty(max(numel, TILE_WEIGHTS), dtype=torch.float32)
-    return buffer[:numel]
+# Without the native kernels: tiles of this many weights (1 MiB in float32), dequantized by the
+# gguf package, each multiplied with torch's matmul.
+TILE_WEIGHTS = 2**18
 
 
 def stored_linear(x: torch.Tensor, matrix: StoredMatrix, bias: torch.Tensor | None) -> torch.Tensor:
@@ -110,29 +99,24 @@ def stored_linear(x: torch.Tensor, matrix: StoredMatrix, bias: torch.Tensor | No
         raise ValueError(f"stored weights take float32 CPU activations, got {x.dtype} on {x.device}")
     x = x.contiguous()
     ops = kernels()
-    if ops is not None and x.shape[0] <= NATIVE_MAX_ROWS:
-        return ops.project(matrix, x, bias)
+    if ops is not None:
+        return ops.project(matrix, x, bias) if x.shape[0] <= NATIVE_MAX_ROWS else ops.gemm(matrix, x, bias)
     out = torch.empty((x.shape[0], matrix.rows), dtype=torch.float32)
-    tile_rows = max(16, TILE_WEIGHTS // matrix.cols // 16 * 16)
+    tile_rows = max(16, TILE_WEIGHTS // matrix.cols)
     for r0 in range(0, matrix.rows, tile_rows):
         r1 = min(matrix.rows, r0 + tile_rows)
-        tile = unpack_rows(matrix, r0, r1, _tile_buffer((r1 - r0) * matrix.cols).view(r1 - r0, matrix.cols))
-        torch.mm(x, tile.t(), out=out[:, r0:r1])  # BLAS writes the column slice in place (ldc)
-    if bias is not None:
-        out += bias
-    return out
+        torch.mm(x, unpack_rows(matrix, r0, r1).t(), out=out[:, r0:r1])  # BLAS writes the column slice in place
+    return out if bias is None else out.add_(bias)
 
 
-def unpack_rows(matrix: StoredMatrix, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows [r0, r1) of the matrix as float32 (r1 - r0, cols), their exact dequantization."""
+def unpack_rows(matrix: StoredMatrix, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of the matrix as float32 (r1 - r0, cols): their exact dequantization."""
     from engine.native.stored_ops import kernels, reference_unpack_rows
 
-    if out is None:
-        out = torch.empty((r1 - r0, matrix.cols), dtype=torch.float32)
     ops = kernels()
     if ops is None:
-        return out.copy_(reference_unpack_rows(matrix, r0, r1))
-    return ops.unpack_rows(matrix, r0, r1, out)
+        return reference_unpack_rows(matrix, r0, r1)
+    return ops.unpack_rows(matrix, r0, r1, torch.empty((r1 - r0, matrix.cols), dtype=torch.float32))
 
 
 class StoredLinear(nn.Module):

@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_step.c", HERE / "elementwise.c", HERE / "stored_ops.c")
+SOURCES = (HERE / "decode_step.c", HERE / "elementwise.c", HERE / "stored_ops.c", HERE / "stored_gemm.c")
 HEADERS = (HERE / "vector_math.h", HERE / "stored_formats.h", HERE / "stored_dots.h", HERE / "projection.h")
 # No FMA contraction: unpacking a stored weight must round its product and its sum apart, as the
 # format's float32 dequantization does (stored_formats.h); fused multiply-adds are written out.

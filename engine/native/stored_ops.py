@@ -61,6 +61,7 @@ class StoredKernels:
             "pd_unpack_rows": [matrix_p, ctypes.c_int64, ctypes.c_int64, _f32p, ctypes.c_int],
             "pd_gather_rows": [matrix_p, _i64p, ctypes.c_int64, _f32p, ctypes.c_int],
             "pd_project": [matrix_p, _f32p, ctypes.c_int, _f32p, _f32p, ctypes.c_int],
+            "pd_stored_gemm": [matrix_p, _f32p, ctypes.c_int64, _f32p, _f32p, ctypes.c_int],
         }.items():
             getattr(library, name).restype = ctypes.c_int
             getattr(library, name).argtypes = args
@@ -82,15 +83,23 @@ class StoredKernels:
         return out
 
     def project(self, matrix: StoredMatrix, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (n, cols) contiguous float32 -> x @ matrix.T + bias, (n, rows), with the decode step's kernels."""
+        """x (n, cols) contiguous float32 -> x @ matrix.T + bias, (n, rows), with the decode step's
+        kernels: each weight unpacked once in registers for all n rows."""
+        return self._matmul(self.library.pd_project, matrix, x, bias)
+
+    def gemm(self, matrix: StoredMatrix, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The same product with the blocked GEMM (stored_gemm.c), for many rows."""
+        return self._matmul(self.library.pd_stored_gemm, matrix, x, bias)
+
+    def _matmul(self, function, matrix: StoredMatrix, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         _check_out(x, (x.shape[0], matrix.cols))
         if bias is not None:
             _check_out(bias, (matrix.rows,))
         out = torch.empty((x.shape[0], matrix.rows), dtype=torch.float32)
-        status = self.library.pd_project(ctypes.byref(matrix_struct(matrix)), _ptr(x), x.shape[0],
-                                         None if bias is None else _ptr(bias), _ptr(out), torch.get_num_threads())
+        status = function(ctypes.byref(matrix_struct(matrix)), _ptr(x), x.shape[0],
+                          None if bias is None else _ptr(bias), _ptr(out), torch.get_num_threads())
         if status:
-            raise MemoryError("out of memory for the projection's scratch buffers")
+            raise MemoryError("out of memory for the product's scratch buffers")
         return out
 
 
