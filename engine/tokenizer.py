@@ -109,9 +109,9 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str, reader=None) -> Tokenizer:
         """`reader`: the file's gguf.GGUFReader when the caller has it open already."""
-        from gguf import GGUFReader  # imported here: only GGUF users pay for it
+        from engine.loader.gguf_file import open_gguf  # imported here: only GGUF users pay for it
 
-        meta = _GGUFTokenizerMetadata(reader if reader is not None else GGUFReader(path))
+        meta = _GGUFTokenizerMetadata(reader if reader is not None else open_gguf(path))
         model_type = meta.get("tokenizer.ggml.model")
         if model_type == "gpt2":
             backend = _byte_level_bpe_backend(meta)

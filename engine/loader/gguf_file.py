@@ -45,10 +45,10 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def open_gguf(path: str) -> Any:
-    import gguf
+    from engine.loader.gguf_reader import LeanGGUFReader
 
     try:
-        return gguf.GGUFReader(path)
+        return LeanGGUFReader(path)
     except Exception as exc:  # the reader raises assorted errors on a damaged file
         raise ValueError(f"{path} is not a readable GGUF file: {exc}") from exc
 
