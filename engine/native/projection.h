@@ -39,7 +39,7 @@ static inline void store_row_results(float *y, int ldy, int i, int r, int count,
  * hardware prefetchers follow best (reading four rows side by side, four streams, measured 10-15%
  * slower on a memory-bound step). More inputs: four weight rows (a few KB) are read once and
  * reused from L1 for every input, three inputs at a time, as the arithmetic then needs it. */
-static void matvec_rows(const float *W, int in, int r0, int r1, const float *x, int ldx, int n,
+static inline void matvec_rows(const float *W, int in, int r0, int r1, const float *x, int ldx, int n,
                         const float *bias, float *y, int ldy, int accumulate) {
     float d4[4], d43[4][3];
     int r = r0;
@@ -83,7 +83,7 @@ static void matvec_rows(const float *W, int in, int r0, int r1, const float *x, 
  * two inputs: each row streams once through the fused dots. More: each quad of rows is unpacked
  * into `unpacked` (4 * cols floats, a few KB that stay in L1) and the float32 code runs on it,
  * so every unpacked weight serves all n inputs. */
-static void stored_rows(const pd_segment *s, int cols, int r0, int r1, const float *x, int ldx, int n,
+static inline void stored_rows(const pd_segment *s, int cols, int r0, int r1, const float *x, int ldx, int n,
                         const float *bias, float *y, int ldy, int accumulate, float *unpacked) {
     float d2[2];
     if (n <= 2) {
@@ -108,7 +108,7 @@ static void stored_rows(const pd_segment *s, int cols, int r0, int r1, const flo
 
 /* y[i * ldy + r] (+)= dot(W[r], x[i * ldx]) + bias[r] for rows r in [r0, r1) of a matrix made of
  * segments, each in its own format. */
-static void project_rows(const pd_matrix *W, int r0, int r1, const float *x, int ldx, int n, const float *bias,
+static inline void project_rows(const pd_matrix *W, int r0, int r1, const float *x, int ldx, int n, const float *bias,
                          float *y, int ldy, int accumulate, float *unpacked) {
     int base = 0;
     for (int k = 0; k < W->num_segments && base < r1; base += W->segments[k].rows, k++) {
@@ -150,7 +150,7 @@ typedef struct {
 } row_share;
 
 /* Splits `quads` quads into one contiguous range per thread. */
-static void share_rows(row_share *shares, int quads, int nt) {
+static inline void share_rows(row_share *shares, int quads, int nt) {
     for (int id = 0; id < nt; id++) {
         uint64_t begin = (uint64_t)quads * id / nt, end = (uint64_t)quads * (id + 1) / nt;
         shares[id].range = begin << 32 | end;
@@ -158,7 +158,7 @@ static void share_rows(row_share *shares, int quads, int nt) {
 }
 
 /* Takes up to `want` quads off the front (or the back) of a range: returns how many, from *start. */
-static int take_quads(row_share *share, int want, int from_back, int *start) {
+static inline int take_quads(row_share *share, int want, int from_back, int *start) {
     uint64_t old = __atomic_load_n(&share->range, __ATOMIC_RELAXED);
     for (;;) {
         uint32_t front = (uint32_t)(old >> 32), back = (uint32_t)old;
@@ -175,7 +175,7 @@ static int take_quads(row_share *share, int want, int from_back, int *start) {
 }
 
 /* The next chunk [*q0, *q1) of quads for this thread: its own range first, then the others'. */
-static int next_quads(row_share *shares, int *q0, int *q1) {
+static inline int next_quads(row_share *shares, int *q0, int *q1) {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     int count = take_quads(&shares[id], OWN_QUADS, 0, q0);
     for (int k = 1; count == 0 && k < nt; k++) count = take_quads(&shares[(id + k) % nt], STOLEN_QUADS, 1, q0);
@@ -185,7 +185,7 @@ static int next_quads(row_share *shares, int *q0, int *q1) {
 
 /* y (+)= W x for rows [0, W->rows), shared out across the team; no barrier at the end. `unpacked`
  * is this thread's buffer for 4 unpacked rows (4 * W->cols floats). */
-static void project_shared(row_share *shares, const pd_matrix *W, const float *x, int ldx, int n,
+static inline void project_shared(row_share *shares, const pd_matrix *W, const float *x, int ldx, int n,
                            const float *bias, float *y, int ldy, int accumulate, float *unpacked) {
     int q0, q1;
     while (next_quads(shares, &q0, &q1)) {

@@ -20,12 +20,14 @@
 PD_INLINE void quant_vectors(int type, const uint8_t *row, int g, __m256i q[4]) {
     const pd_format f = format_of(type);
     if (type == PD_Q4_0 || type == PD_Q4_1) {
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(row + (size_t)g * f.bytes + (type == PD_Q4_0 ? 2 : 4)));
-        const __m128i m4 = _mm_set1_epi8(0x0F);
-        __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-        if (type == PD_Q4_0) lo = _mm_sub_epi8(lo, _mm_set1_epi8(8)), hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
-        q[0] = _mm256_cvtepi8_epi32(lo), q[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8));
-        q[2] = _mm256_cvtepi8_epi32(hi), q[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8));
+        /* Bytes 0-7 widened: their low halves are elements 0-7, their high halves 16-23. */
+        const uint8_t *qs = row + (size_t)g * f.bytes + (type == PD_Q4_0 ? 2 : 4);
+        const __m256i m4 = _mm256_set1_epi32(0x0F), bias = _mm256_set1_epi32(type == PD_Q4_0 ? 8 : 0);
+        for (int h = 0; h < 2; h++) {
+            const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * h)));
+            q[h] = _mm256_and_si256(bytes, m4), q[h + 2] = _mm256_srli_epi32(bytes, 4);
+            if (type == PD_Q4_0) q[h] = _mm256_sub_epi32(q[h], bias), q[h + 2] = _mm256_sub_epi32(q[h + 2], bias);
+        }
     } else if (type == PD_Q8_0) {
         const uint8_t *qs = row + (size_t)g * f.bytes + 2;
         for (int k = 0; k < 4; k++) q[k] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k)));

@@ -29,6 +29,9 @@
 #include <string.h>
 
 #include "vector_math.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 enum { PD_F32 = 0, PD_F16 = 1, PD_Q4_0 = 2, PD_Q4_1 = 3, PD_Q8_0 = 8, PD_Q4_K = 12, PD_Q5_K = 13,
        PD_Q6_K = 14, PD_BF16 = 30 };
@@ -85,6 +88,18 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+/* The two halves at p -> out[0], out[1]: one conversion for a block's scale and offset. */
+static inline void halves_to_floats(const uint8_t *p, float out[2]) {
+#if defined(__F16C__)
+    uint32_t both;
+    memcpy(&both, p, 4);
+    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)both));
+    out[0] = _mm_cvtss_f32(v), out[1] = _mm_cvtss_f32(_mm_movehdup_ps(v));
+#else
+    out[0] = half_to_float(load_u16(p)), out[1] = half_to_float(load_u16(p + 2));
+#endif
+}
+
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -114,10 +129,13 @@ typedef struct {
 
 static inline group_scales scales_of(int type, const uint8_t *row, int g) {
     group_scales s = {{0.0f, 0.0f}, 0.0f, 0};
-    if (type == PD_Q4_0 || type == PD_Q8_0 || type == PD_Q4_1) {
-        const uint8_t *b = row + (size_t)g * format_of(type).bytes;
-        s.scale[0] = s.scale[1] = half_to_float(load_u16(b));
-        if (type == PD_Q4_1) s.offset = half_to_float(load_u16(b + 2)), s.has_offset = 1;
+    if (type == PD_Q4_1) {
+        const uint8_t *b = row + (size_t)g * 20;
+        float dm[2];
+        halves_to_floats(b, dm);
+        s.scale[0] = s.scale[1] = dm[0], s.offset = dm[1], s.has_offset = 1;
+    } else if (type == PD_Q4_0 || type == PD_Q8_0) {
+        s.scale[0] = s.scale[1] = half_to_float(load_u16(row + (size_t)g * format_of(type).bytes));
     } else if (type == PD_Q4_K || type == PD_Q5_K) {
         const uint8_t *b = row + (size_t)(g / 8) * format_of(type).bytes;
         int sc, mn;
