@@ -55,8 +55,10 @@ def _worker_memory() -> dict[str, dict[str, int]]:
     found = {}
     for proc in glob.glob("/proc/[0-9]*"):
         try:
-            name = open(f"{proc}/cmdline").read().split("\0")[0]
-            if not (name.startswith("ray::") and name.endswith("Worker")):
+            # Ray titles an actor's process "ray::Class" or, while a method runs, "ray::Class.method".
+            title = open(f"{proc}/cmdline").read().split("\0")[0].strip()
+            name = title.split(".")[0].split()[0] if title.startswith("ray::") else ""
+            if name not in ("ray::PrefillWorker", "ray::DecodeWorker"):
                 continue
             status = dict(line.split(":", 1) for line in open(f"{proc}/status"))
         except OSError:

@@ -106,6 +106,7 @@ static void lm_head_shared(row_share *shares, const pd_matrix *W, const float *x
                            float *best, int32_t *best_id, float *unpacked) {
     const int vocab = W->rows;
     for (int i = 0; i < n; i++) best[i] = -INFINITY, best_id[i] = INT32_MAX;
+    prepare_projection(x, W->cols, n, W->cols, unpacked);
     int q0, q1;
     while (next_quads(shares, &q0, &q1)) {
         const int r0 = 4 * q0, r1 = 4 * q1 < vocab ? 4 * q1 : vocab;
@@ -335,6 +336,7 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
 #pragma omp barrier
     rms_norm_rows(b->x, L->post_norm, n, D, m->eps, normed);
     /* Gate rows [j0, j1) with the matching up rows: then act's columns [j0, j1) are complete. */
+    prepare_projection(normed, D, n, D, unpacked);
     int q0, q1;
     while (next_quads(shares + 2 * nt, &q0, &q1)) {
         const int j0 = 4 * q0, j1 = 4 * q1 < I ? 4 * q1 : I;
@@ -384,7 +386,7 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
     const int num_shares = (m->num_layers * PROJECTIONS + 1) * num_threads;
     /* Each thread's 4 unpacked rows of the widest weight (stored formats, batches of 3 and more). */
     const size_t widest = (size_t)(D > I ? (D > q_size ? D : q_size) : (I > q_size ? I : q_size));
-    const size_t unpacked_stride = (4 * widest + 15) & ~(size_t)15;
+    const size_t unpacked_stride = projection_scratch((int)widest, n);
     enum { PARTS = 12 };
     size_t sizes[PARTS] = {(size_t)n * D, (size_t)num_threads * n * D, (size_t)n * qkv_out,
                            (size_t)num_threads * n * q_size, (size_t)num_threads * n * q_size,

@@ -8,7 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "stored_dots.h"
+#include "gemm_kernel.h"
 
 /* Rows [0, rows) of a matrix, all in one format: row r at data + r * row_bytes. */
 typedef struct {
@@ -79,6 +79,66 @@ static inline void matvec_rows(const float *W, int in, int r0, int r1, const flo
 }
 
 
+/* Row i of W (cols floats) into out: an embedding lookup. */
+static inline void matrix_row(const pd_matrix *W, int64_t i, float *out) {
+    for (int k = 0; k < W->num_segments; i -= W->segments[k].rows, k++) {
+        const pd_segment *s = &W->segments[k];
+        if (i < s->rows) {
+            const uint8_t *row = s->data + (size_t)i * s->row_bytes;
+            if (s->type == PD_F32) memcpy(out, row, sizeof(float) * (size_t)W->cols);
+            else stored_unpack_row(s->type, row, W->cols, out);
+            return;
+        }
+    }
+}
+
+/* bp (K, NR) = rows [j0, j0 + NR) of W transposed; rows from `end` on are zeros. `row` holds one
+ * unpacked row (K floats). */
+static inline void unpack_tile(const pd_matrix *W, int j0, int end, float *row, float *bp) {
+    const int K = W->cols;
+    for (int j = 0; j < NR; j++) {
+        if (j0 + j < end) matrix_row(W, j0 + j, row);
+        else memset(row, 0, sizeof(float) * (size_t)K);
+        for (int k = 0; k < K; k++) bp[(size_t)k * NR + j] = row[k];
+    }
+}
+
+/* From this many inputs on, projections run as small GEMMs (gemm_kernel.h): each tile of NR
+ * weight rows unpacked once, k-major, and multiplied with the inputs in MR-row panels as outer
+ * products. Below, the dot-product kernels (a few inputs leave an outer product's registers
+ * mostly idle). */
+enum { PD_TILED_MIN = 8 };
+
+/* Floats of a thread's projection scratch for n inputs of `cols`: 4 unpacked rows, and from
+ * PD_TILED_MIN inputs on an unpacked tile, one row and the inputs in panels. */
+static inline size_t projection_scratch(int cols, int n) {
+    size_t floats = 4 * (size_t)cols;
+    if (n >= PD_TILED_MIN) floats += (size_t)(NR + 1 + (n + MR - 1) / MR * MR) * cols;
+    return (floats + 15) & ~(size_t)15;
+}
+
+/* Before a thread's projections of x (n, cols): packs the inputs into panels in its scratch when
+ * the tiled kernel will run. */
+static inline void prepare_projection(const float *x, int ldx, int n, int cols, float *scratch) {
+    if (n >= PD_TILED_MIN) pack_panels(x, ldx, n, cols, 0, (n + MR - 1) / MR, scratch + (size_t)(4 + NR + 1) * cols);
+}
+
+/* Rows [r0, r1) of W for n >= PD_TILED_MIN inputs prepared in `scratch`. */
+static inline void tiled_rows(const pd_matrix *W, int r0, int r1, int n, const float *bias, float *y, int ldy,
+                              int accumulate, float *scratch) {
+    const int K = W->cols;
+    float *bp = scratch + 4 * (size_t)K, *row = bp + (size_t)NR * K, *xp = row + K;
+    for (int j0 = r0; j0 < r1; j0 += NR) {
+        const int cols = r1 - j0 < NR ? r1 - j0 : NR;
+        unpack_tile(W, j0, j0 + cols, row, bp);
+        for (int b = 0; b * MR < n; b++) {
+            const int rows = n - b * MR < MR ? n - b * MR : MR;
+            micro_kernel(xp + (size_t)b * MR * K, bp, K, rows, cols, bias ? bias + j0 : NULL,
+                         y + (size_t)b * MR * ldy + j0, ldy, accumulate);
+        }
+    }
+}
+
 /* Rows [r0, r1) of one segment (rows local to it) of a stored format other than float32. One or
  * two inputs: each row streams once through the fused dots. More: each quad of rows is unpacked
  * into `unpacked` (4 * cols floats, a few KB that stay in L1) and the float32 code runs on it,
@@ -107,9 +167,14 @@ static inline void stored_rows(const pd_segment *s, int cols, int r0, int r1, co
 }
 
 /* y[i * ldy + r] (+)= dot(W[r], x[i * ldx]) + bias[r] for rows r in [r0, r1) of a matrix made of
- * segments, each in its own format. */
+ * segments, each in its own format. `unpacked`: this thread's scratch (projection_scratch),
+ * prepared for x (prepare_projection). */
 static inline void project_rows(const pd_matrix *W, int r0, int r1, const float *x, int ldx, int n, const float *bias,
                          float *y, int ldy, int accumulate, float *unpacked) {
+    if (n >= PD_TILED_MIN) {
+        tiled_rows(W, r0, r1, n, bias, y, ldy, accumulate, unpacked);
+        return;
+    }
     int base = 0;
     for (int k = 0; k < W->num_segments && base < r1; base += W->segments[k].rows, k++) {
         const pd_segment *s = &W->segments[k];
@@ -120,19 +185,6 @@ static inline void project_rows(const pd_matrix *W, int r0, int r1, const float 
             matvec_rows((const float *)s->data, W->cols, a, b, x, ldx, n, seg_bias, y + base, ldy, accumulate);
         } else {
             stored_rows(s, W->cols, a, b, x, ldx, n, seg_bias, y + base, ldy, accumulate, unpacked);
-        }
-    }
-}
-
-/* Row i of W (cols floats) into out: an embedding lookup. */
-static inline void matrix_row(const pd_matrix *W, int64_t i, float *out) {
-    for (int k = 0; k < W->num_segments; i -= W->segments[k].rows, k++) {
-        const pd_segment *s = &W->segments[k];
-        if (i < s->rows) {
-            const uint8_t *row = s->data + (size_t)i * s->row_bytes;
-            if (s->type == PD_F32) memcpy(out, row, sizeof(float) * (size_t)W->cols);
-            else stored_unpack_row(s->type, row, W->cols, out);
-            return;
         }
     }
 }
@@ -184,9 +236,10 @@ static inline int next_quads(row_share *shares, int *q0, int *q1) {
 }
 
 /* y (+)= W x for rows [0, W->rows), shared out across the team; no barrier at the end. `unpacked`
- * is this thread's buffer for 4 unpacked rows (4 * W->cols floats). */
+ * is this thread's scratch (projection_scratch). */
 static inline void project_shared(row_share *shares, const pd_matrix *W, const float *x, int ldx, int n,
                            const float *bias, float *y, int ldy, int accumulate, float *unpacked) {
+    prepare_projection(x, ldx, n, W->cols, unpacked);
     int q0, q1;
     while (next_quads(shares, &q0, &q1)) {
         int r1 = 4 * q1 < W->rows ? 4 * q1 : W->rows;

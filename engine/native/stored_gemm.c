@@ -16,82 +16,6 @@
 
 enum { PD_OK = 0, PD_NO_MEMORY = 3 };
 
-#if defined(__AVX512F__)
-#define VW 16
-#define MR 12
-typedef __m512 vec;
-#define vzero() _mm512_setzero_ps()
-#define vload(p) _mm512_loadu_ps(p)
-#define vbroadcast(p) _mm512_set1_ps(*(p))
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vstore(p, v) _mm512_storeu_ps(p, v)
-#elif defined(__AVX2__) && defined(__FMA__)
-#define VW 8
-#define MR 6
-typedef __m256 vec;
-#define vzero() _mm256_setzero_ps()
-#define vload(p) _mm256_loadu_ps(p)
-#define vbroadcast(p) _mm256_broadcast_ss(p)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vstore(p, v) _mm256_storeu_ps(p, v)
-#else
-#define VW 1
-#define MR 4
-typedef float vec;
-#define vzero() 0.0f
-#define vload(p) (*(p))
-#define vbroadcast(p) (*(p))
-#define vfma(a, b, c) ((a) * (b) + (c))
-#define vstore(p, v) (*(p) = (v))
-#endif
-#define NR (2 * VW) /* two vectors of weight rows */
-
-/* xp (panels of MR rows, k-major) from x (T, K); rows past T are zeros. */
-static void pack_rows(const float *x, int64_t T, int K, float *xp) {
-    const int64_t panels = (T + MR - 1) / MR;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < panels; b++) {
-        float *panel = xp + (size_t)b * MR * K;
-        for (int i = 0; i < MR; i++) {
-            const int64_t t = b * MR + i;
-            for (int k = 0; k < K; k++) panel[(size_t)k * MR + i] = t < T ? x[(size_t)t * K + k] : 0.0f;
-        }
-    }
-}
-
-/* bp (K, NR) = rows [j0, j0 + NR) of W transposed; rows past W's end are zeros. `row` holds one
- * unpacked row (K floats). */
-static void unpack_tile(const pd_matrix *W, int j0, float *row, float *bp) {
-    const int K = W->cols;
-    for (int j = 0; j < NR; j++) {
-        if (j0 + j < W->rows) matrix_row(W, j0 + j, row);
-        else memset(row, 0, sizeof(float) * (size_t)K);
-        for (int k = 0; k < K; k++) bp[(size_t)k * NR + j] = row[k];
-    }
-}
-
-/* y rows [t0, t0 + rows) x columns [j0, j0 + cols) = panel . bp (+ bias), MR x NR in registers. */
-static void micro_kernel(const float *panel, const float *bp, int K, int rows, int cols, const float *bias,
-                         float *y, int64_t ldy) {
-    vec acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = vzero();
-    for (int k = 0; k < K; k++) {
-        const vec b0 = vload(bp + (size_t)k * NR), b1 = vload(bp + (size_t)k * NR + VW);
-        const float *xk = panel + (size_t)k * MR;
-        for (int i = 0; i < MR; i++) {
-            const vec a = vbroadcast(xk + i);
-            acc[i][0] = vfma(a, b0, acc[i][0]);
-            acc[i][1] = vfma(a, b1, acc[i][1]);
-        }
-    }
-    float block[MR][NR];
-    for (int i = 0; i < MR; i++) vstore(block[i], acc[i][0]), vstore(block[i] + VW, acc[i][1]);
-    for (int i = 0; i < rows; i++) {
-        float *out = y + (size_t)i * ldy;
-        for (int j = 0; j < cols; j++) out[j] = bias ? block[i][j] + bias[j] : block[i][j];
-    }
-}
-
 /* Unpacked tiles a thread keeps at once (up to 384 KB of L2): x streams in once per group. At
  * least four groups per thread, so that threads finish together. */
 static int tiles_per_group(int K, int64_t tiles, int num_threads) {
@@ -118,18 +42,19 @@ int pd_stored_gemm(const pd_matrix *W, const float *x, int64_t T, const float *b
     }
 #pragma omp parallel num_threads(num_threads)
     {
-        pack_rows(x, T, K, xp); /* ends with the loop's barrier */
+#pragma omp for schedule(static) /* ends with the loop's barrier */
+        for (int64_t b = 0; b < panels; b++) pack_panels(x, K, T, K, b, b + 1, xp);
         float *bp = scratch + (size_t)omp_get_thread_num() * per_thread, *row = bp + (size_t)group * NR * K;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t first = g * group, last = first + group < tiles ? first + group : tiles;
-            for (int64_t tile = first; tile < last; tile++) unpack_tile(W, (int)(tile * NR), row, bp + (tile - first) * NR * K);
+            for (int64_t tile = first; tile < last; tile++) unpack_tile(W, (int)(tile * NR), N, row, bp + (tile - first) * NR * K);
             for (int64_t b = 0; b < panels; b++) {
                 const int rows = T - b * MR < MR ? (int)(T - b * MR) : MR;
                 for (int64_t tile = first; tile < last; tile++) {
                     const int j0 = (int)(tile * NR), cols = N - j0 < NR ? N - j0 : NR;
                     micro_kernel(xp + (size_t)b * MR * K, bp + (tile - first) * NR * K, K, rows, cols,
-                                 bias ? bias + j0 : NULL, y + (size_t)b * MR * N + j0, N);
+                                 bias ? bias + j0 : NULL, y + (size_t)b * MR * N + j0, N, 0);
                 }
             }
         }

@@ -30,7 +30,7 @@ int pd_gather_rows(const pd_matrix *W, const int64_t *ids, int64_t n, float *out
  * step's work sharing and kernels: what one projection of a decode step computes. */
 int pd_project(const pd_matrix *W, const float *x, int n, const float *bias, float *y, int num_threads) {
     if (num_threads < 1) num_threads = 1;
-    const size_t stride = ((size_t)4 * W->cols + 15) & ~(size_t)15;
+    const size_t stride = projection_scratch(W->cols, n);
     row_share *shares = aligned_alloc(64, sizeof(row_share) * num_threads);
     float *unpacked = aligned_alloc(64, sizeof(float) * stride * num_threads);
     if (!shares || !unpacked) {
