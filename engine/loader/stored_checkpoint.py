@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.loader.gguf_file import _LAYER_TENSOR, _field, hf_name, unpermute_rope_rows
+from engine.loader.gguf_file import hf_name, permuted_heads, unpermute_rope_rows
 from engine.memory import huge_page_bytes
 from engine.model.config import ModelArchConfig
 from engine.model.stored import FORMATS, TORCH_FORMATS, StoredFormat, StoredSegment
@@ -100,8 +100,6 @@ def read_gguf_stored(reader: Any, config: ModelArchConfig) -> StoredCheckpoint:
     """Every tensor of an open GGUF file under its HF name: 2-D ones as stored, 1-D as float32."""
     import gguf
 
-    permuted = _field(reader, "general.architecture") == "llama"  # see gguf_file.dequantize_to_hf
-    heads_of = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     planned, floats = [], {}
     for tensor in reader.tensors:
         shape = [int(d) for d in tensor.shape]  # GGUF lists the fastest axis first: (cols, rows)
@@ -112,9 +110,7 @@ def read_gguf_stored(reader: Any, config: ModelArchConfig) -> StoredCheckpoint:
             continue
         fmt = _gguf_format(tensor)
         cols, rows = shape
-        match = _LAYER_TENSOR.fullmatch(tensor.name)
-        heads = heads_of.get(match.group(2)) if permuted and match is not None else None
-        planned.append(_Planned(name, fmt, rows, cols, (tensor, heads)))
+        planned.append(_Planned(name, fmt, rows, cols, (tensor, permuted_heads(reader, config, tensor.name))))
 
     def fill(p: _Planned, dest: torch.Tensor) -> None:
         tensor, heads = p.source
