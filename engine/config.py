@@ -61,6 +61,11 @@ class EngineConfig:
     # compiled call (engine.native) when a C compiler is present; auto falls back to torch ops
     # without one, native makes that an error, torch never compiles anything.
     decode_kernel: str = "auto"
+    # On the CPU with float32 activations, weights stay in their stored formats (GGUF blocks,
+    # an HF directory's float16 / bfloat16) and are unpacked as they are used: a fraction of the
+    # memory and of the bytes a decode step reads. True converts them to the model dtype at load
+    # instead (float32 on the CPU: the same logits to float rounding, several times the memory).
+    dequantize: bool = False
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

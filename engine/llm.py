@@ -18,7 +18,8 @@ class LLM:
 
     `options` are engine settings (block_size, num_blocks, kv_cache_memory_gb,
     enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_model_len,
-    enable_chunked_prefill, attention_backend, seed); an unknown option is an error.
+    enable_chunked_prefill, attention_backend, decode_kernel, dequantize, seed); an unknown
+    option is an error.
     """
 
     def __init__(self, model: str = "demo", dtype: str = "auto", device: str = "auto", **options: Any):

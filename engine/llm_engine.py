@@ -57,7 +57,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device)
+        self.loaded: LoadedModel = load_model(config.model, self.dtype, self.device, config.dequantize)
         self.tokenizer = self.loaded.tokenizer
         arch = self.loaded.config
         self.max_model_len = config.scheduler.max_model_len or arch.max_position_embeddings

@@ -107,10 +107,11 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, path: str) -> Tokenizer:
-        from gguf import GGUFReader  # imported here: only GGUF users pay for it
+    def from_gguf(cls, path: str, reader=None) -> Tokenizer:
+        """`reader`: the file's gguf.GGUFReader when the caller has it open already."""
+        from engine.loader.gguf_file import open_gguf  # imported here: only GGUF users pay for it
 
-        meta = _GGUFTokenizerMetadata(GGUFReader(path))
+        meta = _GGUFTokenizerMetadata(reader if reader is not None else open_gguf(path))
         model_type = meta.get("tokenizer.ggml.model")
         if model_type == "gpt2":
             backend = _byte_level_bpe_backend(meta)

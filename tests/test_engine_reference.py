@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.model.stored import StoredEmbedding, StoredLinear
 from tests.conftest import assert_no_leaked_blocks
 
 DEMO_PROMPTS = [
@@ -31,7 +32,13 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 
 @pytest.mark.parametrize("chat", [False, True], ids=["raw", "chat"])
 def test_demo_greedy_matches_hf(demo_llm, hf_demo, chat):
+    """With the weights as the GGUF stores them (Q4_1 and Q8_0 blocks, the default on the CPU),
+    which HF dequantizes to float32 at load."""
     hf_model, hf_tokenizer = hf_demo
+    model = demo_llm.engine.loaded.model
+    assert isinstance(model.layers[0].mlp.down_proj, StoredLinear) and isinstance(model.embed_tokens, StoredEmbedding)
+    assert model.layers[0].mlp.down_proj.stored.formats == ("Q4_1",) and model.embed_tokens.stored.formats == ("Q8_0",)
+    assert demo_llm.engine.runner.native_decode is not None
     prompts = []
     for text in DEMO_PROMPTS:
         if chat:

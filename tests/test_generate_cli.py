@@ -30,3 +30,24 @@ def test_generate_refuses_bad_flags_with_exit_2(tiny_checkpoints, capsys):
     assert "--torch-threads must be at least 1" in capsys.readouterr().err
     assert main(["generate", "--model", model, "--top-p", "1.5", "hi"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_dequantize_flag_reaches_the_engine(tmp_path, capsys):
+    """--dequantize loads a GGUF's weights as float32; without it they stay as stored. Both
+    generate the same greedy text."""
+    from engine.model.stored import StoredLinear
+    from router.cli import build_parser, engine_options_from_args
+    from tests.stored_models import write_format_gguf
+
+    for argv in (["generate", "hi"], ["serve"]):
+        assert engine_options_from_args(build_parser().parse_args(argv))["dequantize"] is False
+        assert engine_options_from_args(build_parser().parse_args([*argv, "--dequantize"]))["dequantize"] is True
+    path = write_format_gguf(str(tmp_path / "q4k.gguf"), "Q4_K")
+    texts = []
+    for flags in ([], ["--dequantize"]):
+        assert main(["generate", "--model", path, "--max-tokens", "8", "--ignore-eos", *flags, "hello world"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    stored = LLM(path).engine.loaded.model.layers[0].mlp.down_proj
+    dense = LLM(path, dequantize=True).engine.loaded.model.layers[0].mlp.down_proj
+    assert isinstance(stored, StoredLinear) and not isinstance(dense, StoredLinear)

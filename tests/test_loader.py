@@ -10,6 +10,7 @@ import torch
 
 import engine.loader.gguf_file as gguf_file
 from engine.loader import build_model, load_model, resolve_model_path
+from engine.model.stored import StoredEmbedding, StoredLinear, unpack_rows
 from tests.tiny_models import single_sequence_context, write_tiny_checkpoint
 
 
@@ -69,18 +70,31 @@ def write_tiny_gguf(hf_dir: str, out_path: str) -> str:
     return out_path
 
 
+def dense_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of a model as float32, stored matrices unpacked, under float32 names."""
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, (StoredLinear, StoredEmbedding)):
+            weights[f"{name}.weight"] = unpack_rows(module.stored, 0, module.stored.rows)
+    return weights
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["stored", "dequantized"])
 @pytest.mark.parametrize("arch", ["mistral", "llama_tied"])
-def test_gguf_weights_match_the_hf_checkpoint(tmp_path, arch):
+def test_gguf_weights_match_the_hf_checkpoint(tmp_path, arch, dequantize):
     hf_dir = write_tiny_checkpoint(str(tmp_path / arch), arch)
     gguf_path = write_tiny_gguf(hf_dir, str(tmp_path / f"{arch}.gguf"))
     hf_config, hf_model = build_model(hf_dir, torch.float32, torch.device("cpu"))
-    config, model = build_model(gguf_path, torch.float32, torch.device("cpu"))
+    config, model = build_model(gguf_path, torch.float32, torch.device("cpu"), dequantize=dequantize)
     assert config.tie_word_embeddings == hf_config.tie_word_embeddings
     assert (config.num_heads, config.num_kv_heads, config.head_dim) == (
         hf_config.num_heads, hf_config.num_kv_heads, hf_config.head_dim)
-    # The Q/K row permutation is undone: every parameter equals the HF checkpoint's.
-    hf_params = dict(hf_model.named_parameters())
-    for name, param in model.named_parameters():
+    assert isinstance(model.layers[0].mlp.down_proj, StoredLinear) != dequantize
+    # The Q/K row permutation is undone: every weight equals the HF checkpoint's.
+    hf_params = dense_weights(hf_model)
+    ours = dense_weights(model)
+    assert ours.keys() == hf_params.keys()
+    for name, param in ours.items():
         assert torch.equal(param, hf_params[name]), name
     ids = torch.arange(3, 23)
     with torch.inference_mode():
@@ -92,7 +106,7 @@ def test_gguf_weights_match_the_hf_checkpoint(tmp_path, arch):
 def test_gguf_second_load_hits_the_cache(tmp_path, private_cache, monkeypatch):
     hf_dir = write_tiny_checkpoint(str(tmp_path / "hf"), "mistral")
     gguf_path = write_tiny_gguf(hf_dir, str(tmp_path / "tiny.gguf"))
-    first_config, first = build_model(gguf_path, torch.float32, torch.device("cpu"))
+    first_config, first = build_model(gguf_path, torch.float32, torch.device("cpu"), dequantize=True)
     cached = os.listdir(private_cache / "gguf")
     assert len(cached) == 1 and cached[0].endswith(".safetensors")
     stat = os.stat(private_cache / "gguf" / cached[0])
@@ -102,7 +116,7 @@ def test_gguf_second_load_hits_the_cache(tmp_path, private_cache, monkeypatch):
 
     monkeypatch.setattr(gguf_file, "dequantize_to_hf", no_dequantize)
     monkeypatch.setattr(gguf_file, "open_gguf", no_dequantize)
-    second_config, second = build_model(gguf_path, torch.float32, torch.device("cpu"))
+    second_config, second = build_model(gguf_path, torch.float32, torch.device("cpu"), dequantize=True)
     assert second_config == first_config
     assert os.listdir(private_cache / "gguf") == cached
     after = os.stat(private_cache / "gguf" / cached[0])
@@ -115,9 +129,9 @@ def test_gguf_second_load_hits_the_cache(tmp_path, private_cache, monkeypatch):
 def test_changed_gguf_gets_a_new_cache_entry(tmp_path, private_cache):
     hf_dir = write_tiny_checkpoint(str(tmp_path / "hf"), "llama_tied")
     gguf_path = write_tiny_gguf(hf_dir, str(tmp_path / "tiny.gguf"))
-    build_model(gguf_path, torch.float32, torch.device("cpu"))
+    build_model(gguf_path, torch.float32, torch.device("cpu"), dequantize=True)
     os.utime(gguf_path, ns=(0, 10**18))
-    build_model(gguf_path, torch.float32, torch.device("cpu"))
+    build_model(gguf_path, torch.float32, torch.device("cpu"), dequantize=True)
     assert len(os.listdir(private_cache / "gguf")) == 2
 
 

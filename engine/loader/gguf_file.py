@@ -45,10 +45,10 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def open_gguf(path: str) -> Any:
-    import gguf
+    from engine.loader.gguf_reader import LeanGGUFReader
 
     try:
-        return gguf.GGUFReader(path)
+        return LeanGGUFReader(path)
     except Exception as exc:  # the reader raises assorted errors on a damaged file
         raise ValueError(f"{path} is not a readable GGUF file: {exc}") from exc
 
@@ -120,17 +120,25 @@ def _float_array(tensor: Any) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
 
+def permuted_heads(reader: Any, config: ModelArchConfig, gguf_name: str) -> int | None:
+    """The head count by which llama.cpp reordered this tensor's rows (Q and K of a llama-
+    architecture file, see unpermute_rope_rows), or None when it is stored in HF's order."""
+    # Only the llama architecture uses interleaved rope in llama.cpp; qwen2/3 are stored as in HF.
+    if _field(reader, "general.architecture") != "llama":
+        return None
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    heads_of = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    return None if match is None else heads_of.get(match.group(2))
+
+
 def dequantize_to_hf(reader: Any, config: ModelArchConfig) -> dict[str, torch.Tensor]:
     """Every GGUF tensor, dequantized, under its HF name and in HF's row order."""
-    # Only the llama architecture uses interleaved rope in llama.cpp; qwen2/3 are stored as in HF.
-    permuted = _field(reader, "general.architecture") == "llama"
-    heads_of = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         array = _float_array(tensor)
-        match = _LAYER_TENSOR.fullmatch(tensor.name)
-        if permuted and match is not None and match.group(2) in heads_of:
-            array = unpermute_rope_rows(array, heads_of[match.group(2)])
+        heads = permuted_heads(reader, config, tensor.name)
+        if heads is not None:
+            array = unpermute_rope_rows(array, heads)
         weights[hf_name(tensor.name)] = torch.from_numpy(np.ascontiguousarray(array))
     return weights
 

@@ -17,6 +17,7 @@ from engine.attention.base import ForwardContext
 from engine.model.config import ModelArchConfig
 from engine.model.ops import TORCH_OPS, TorchOps
 from engine.model.rope import RotaryEmbedding
+from engine.model.stored import StoredEmbedding, StoredLinear, StoredMatrix, stored_linear
 
 
 class RMSNorm(nn.Module):
@@ -164,9 +165,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        # The LM head's weight as compute_logits reads it; set by load_weights (see
-        # _lay_out_for_device), None until the weights are loaded.
-        self._head_weight: torch.Tensor | None = None
+        # The LM head's weight as compute_logits reads it (a StoredMatrix for stored weights); set
+        # by load_weights (see _lay_out_for_device), None until the weights are loaded.
+        self._head_weight: torch.Tensor | StoredMatrix | None = None
         self._head_packed: torch.Tensor | None = None
 
     def forward(
@@ -187,6 +188,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32."""
         weight = self._head_weight
+        if isinstance(weight, StoredMatrix):
+            return stored_linear(hidden.float(), weight, None)
         if weight is None:
             weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return packed_linear(hidden, weight, self._head_packed, None).float()
@@ -215,12 +218,17 @@ class LlamaForCausalLM(nn.Module):
         self._lay_out_for_device()
 
     def _lay_out_for_device(self) -> None:
-        """On the CPU, give each projection oneDNN's packed copy for batches of 3 rows and more
-        (see packed_linear), beside the row-major weight that the native decode step streams.
-        This trades memory (about twice the weights) for speed, and must run again if the
-        weights change. On CUDA, nothing changes."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self._head_weight = head.detach()  # a plain tensor: assigning a Parameter would register it
+        """Points the LM head at its weight (the embedding's when tied). On the CPU, gives each
+        float32 projection oneDNN's packed copy for batches of 3 rows and more (see
+        packed_linear), beside the row-major weight that the native decode step streams. This
+        trades memory (about twice the weights) for speed, and must run again if the weights
+        change. Stored weights (engine.model.stored) need no second copy: their kernels unpack
+        tiles as they go. On CUDA, nothing changes."""
+        head_module = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head_module, (StoredLinear, StoredEmbedding)):
+            self._head_weight = head_module.stored
+            return
+        head = self._head_weight = head_module.weight.detach()  # a plain tensor: a Parameter would register
         if head.device.type != "cpu":
             return
         with torch.no_grad():
@@ -234,7 +242,7 @@ class LlamaForCausalLM(nn.Module):
         becomes column-major, the same (out, in) shape and values with `in` as the slow axis,
         because BLAS streams such a weight about twice as fast as a row-major one for 1-2 rows.
         A tied LM head gets its own copy, as the embedding lookup keeps the row-major table."""
-        if self._head_weight is None or self._head_weight.device.type != "cpu":
+        if not isinstance(self._head_weight, torch.Tensor) or self._head_weight.device.type != "cpu":
             return
         with torch.no_grad():
             for module in self.modules():

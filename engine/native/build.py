@@ -20,9 +20,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_step.c", HERE / "elementwise.c")
-HEADERS = (HERE / "vector_math.h",)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+SOURCES = (HERE / "decode_step.c", HERE / "elementwise.c", HERE / "stored_ops.c", HERE / "stored_gemm.c")
+HEADERS = (HERE / "vector_math.h", HERE / "stored_formats.h", HERE / "stored_dots.h", HERE / "projection.h")
+# No FMA contraction: unpacking a stored weight must round its product and its sum apart, as the
+# format's float32 dequantization does (stored_formats.h); fused multiply-adds are written out.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 
 
 class NativeBuildError(RuntimeError):

@@ -1,6 +1,7 @@
 """The native decode step (decode_step.c) bound to one loaded model and its KV cache.
 
-`CpuDecodeStep.create(model, kv_cache)` gathers pointers to every weight once; each call then
+`CpuDecodeStep.create(model, kv_cache)` gathers pointers to every weight once (float32, or a
+stored format: engine.model.stored); each call then
 runs one decode step (one new token for each of up to MAX_NATIVE_ROWS requests) in a single
 native call and returns the logits with each row's argmax. The model's tensors are kept
 referenced here, so the pointers stay valid for as long as this object lives.
@@ -14,7 +15,9 @@ from typing import NamedTuple
 import torch
 
 from engine.model.llama import LlamaForCausalLM
+from engine.model.stored import StoredEmbedding, StoredLinear
 from engine.native.build import NativeBuildError, load_library
+from engine.native.stored_ops import Matrix, float_matrix_struct, matrix_struct
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 _i32p = ctypes.POINTER(ctypes.c_int32)
@@ -28,8 +31,8 @@ MAX_NATIVE_ROWS = 64
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, _f32p) for name in (
-        "input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "down")]
+    _fields_ = [("input_norm", _f32p), ("qkv", Matrix), ("qkv_bias", _f32p), ("q_norm", _f32p), ("k_norm", _f32p),
+                ("o", Matrix), ("post_norm", _f32p), ("gate_up", Matrix), ("down", Matrix)]
 
 
 class _Model(ctypes.Structure):
@@ -39,7 +42,7 @@ class _Model(ctypes.Structure):
             "vocab", "block_size", "max_positions")],
         ("num_blocks", ctypes.c_int64),
         ("eps", ctypes.c_float),
-        *[(name, _f32p) for name in ("embed", "final_norm", "lm_head", "rope")],
+        ("embed", Matrix), ("final_norm", _f32p), ("lm_head", Matrix), ("rope", _f32p),
         ("layers", ctypes.POINTER(_Layer)),
     ]
 
@@ -89,38 +92,49 @@ class CpuDecodeStep:
         keep: list = []
         weights: list[torch.Tensor] = []
 
-        def ptr(tensor: torch.Tensor | None, streamed: bool = True):
+        def ptr(tensor: torch.Tensor | None):
             if tensor is None:
                 return None
-            tensor = tensor.detach().contiguous()  # row-major; a no-op for the model's weights
-            (weights if streamed else keep).append(tensor)
+            tensor = tensor.detach().contiguous()  # a no-op for the model's norms and biases
+            keep.append(tensor)
             return ctypes.cast(tensor.data_ptr(), _f32p)
+
+        def matrix(module: torch.nn.Module, streamed: bool = True) -> Matrix:
+            """A projection's weight as the kernels read it: stored as loaded, or float32 row-major."""
+            if isinstance(module, (StoredLinear, StoredEmbedding)):
+                tensors, struct = [s.data for s in module.stored.segments], matrix_struct(module.stored)
+            else:
+                tensors = [module.weight.detach().contiguous()]
+                struct = float_matrix_struct(tensors[0])
+            (weights if streamed else keep).extend(tensors)
+            return struct
 
         cfg = model.config
         layers = (_Layer * cfg.num_layers)()
         for layer, module in zip(layers, model.layers):
             attn, mlp = module.self_attn, module.mlp
             layer.input_norm = ptr(module.input_layernorm.weight)
-            layer.qkv = ptr(attn.qkv_proj.weight)
+            layer.qkv = matrix(attn.qkv_proj)
             layer.qkv_bias = ptr(attn.qkv_proj.bias)
             layer.q_norm = ptr(attn.q_norm.weight if attn.q_norm is not None else None)
             layer.k_norm = ptr(attn.k_norm.weight if attn.k_norm is not None else None)
-            layer.o = ptr(attn.o_proj.weight)
+            layer.o = matrix(attn.o_proj)
             layer.post_norm = ptr(module.post_attention_layernorm.weight)
-            layer.gate_up = ptr(mlp.gate_up_proj.weight)
-            layer.down = ptr(mlp.down_proj.weight)
+            layer.gate_up = matrix(mlp.gate_up_proj)
+            layer.down = matrix(mlp.down_proj)
         keep.append(layers)
-        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         rope = model.rope.table(torch.device("cpu"), torch.float32)  # (max_positions, 2, head_dim)
-        final_norm, lm_head = ptr(model.norm.weight), ptr(head)
-        embed = ptr(model.embed_tokens.weight, streamed=False)  # one row per request is read
+        final_norm = ptr(model.norm.weight)
+        # One embedding row per request is read; a tied LM head streams the whole table.
+        embed = matrix(model.embed_tokens, streamed=model.lm_head is None)
+        lm_head = embed if model.lm_head is None else matrix(model.lm_head)
         struct = _Model(
             num_layers=cfg.num_layers, hidden=cfg.hidden_size, num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
             block_size=kv_cache.shape[3], max_positions=rope.shape[0],
             num_blocks=kv_cache.shape[0], eps=cfg.rms_norm_eps,
-            embed=embed, final_norm=final_norm, lm_head=lm_head, rope=ptr(rope, streamed=False),
+            embed=embed, final_norm=final_norm, lm_head=lm_head, rope=ptr(rope),
             layers=layers,
         )
         return cls(library, struct, kv_cache, keep + weights, weights, cfg.vocab_size)
@@ -155,15 +169,16 @@ class CpuDecodeStep:
         return DecodeStepOutput(logits, list(argmax))
 
 
-def stream_sum(buffers: Sequence[torch.Tensor]) -> float:
-    """Sum of contiguous float32 CPU tensors, read with the native step's streaming loads and
-    thread split (the benchmark's bandwidth probe for the native path)."""
+def stream_read(buffers: Sequence[torch.Tensor]) -> int:
+    """Reads contiguous CPU tensors of any dtype front to back with the native step's streaming
+    loads and thread split (the benchmark's bandwidth probe for the native path); returns a
+    checksum of their 32-bit words."""
     for buffer in buffers:
-        if buffer.dtype != torch.float32 or not buffer.is_contiguous() or buffer.device.type != "cpu":
-            raise ValueError("stream_sum needs contiguous float32 CPU tensors")
+        if not buffer.is_contiguous() or buffer.device.type != "cpu":
+            raise ValueError("stream_read needs contiguous CPU tensors")
     library = load_library()
-    library.pd_stream_sum.restype = ctypes.c_double
-    library.pd_stream_sum.argtypes = [ctypes.POINTER(_f32p), _i64p, ctypes.c_int, ctypes.c_int]
-    pointers = (_f32p * len(buffers))(*(ctypes.cast(b.data_ptr(), _f32p) for b in buffers))
-    counts = (ctypes.c_int64 * len(buffers))(*(b.numel() for b in buffers))
-    return library.pd_stream_sum(pointers, counts, len(buffers), torch.get_num_threads())
+    library.pd_stream_read.restype = ctypes.c_uint64
+    library.pd_stream_read.argtypes = [ctypes.POINTER(ctypes.c_void_p), _i64p, ctypes.c_int, ctypes.c_int]
+    pointers = (ctypes.c_void_p * len(buffers))(*(b.data_ptr() for b in buffers))
+    sizes = (ctypes.c_int64 * len(buffers))(*(b.numel() * b.element_size() for b in buffers))
+    return library.pd_stream_read(pointers, sizes, len(buffers), torch.get_num_threads())

@@ -12,8 +12,12 @@
  * Attention reads the paged KV blocks in place. Threads meet at a barrier only where a stage
  * needs the complete output of the one before.
  *
- * Layouts (float32, C-contiguous):
- *   weights      (out, in), row-major; QKV rows are [Q | K | V], gate/up rows are [gate | up]
+ * The projections' weights stay in the format they were stored in (projection.h): float32, or a
+ * 16-bit float or GGUF block format unpacked in registers as it streams in, so a quantized model
+ * reads a fraction of the bytes; activations and sums stay float32.
+ *
+ * Layouts (C-contiguous; float32 unless said):
+ *   weights      (out, in) pd_matrix, row-major; QKV rows are [Q | K | V], gate/up rows are [gate | up]
  *   kv_cache     (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim); 0 = K, 1 = V
  *   rope         (max_positions, 2, head_dim): cos then sin, each frequency twice ("rotate half")
  *   block_table  (num_reqs, max_blocks) int32; seq_lens (num_reqs,) int32, this token included
@@ -24,18 +28,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "vector_math.h"
+#include "projection.h"
 
 typedef struct {
     const float *input_norm; /* (hidden) */
-    const float *qkv;        /* (q_size + 2 * kv_size, hidden) */
+    pd_matrix qkv;           /* (q_size + 2 * kv_size, hidden) */
     const float *qkv_bias;   /* (q_size + 2 * kv_size) or NULL */
     const float *q_norm;     /* (head_dim) or NULL: Qwen3's per-head RMSNorm */
     const float *k_norm;     /* (head_dim) or NULL */
-    const float *o;          /* (hidden, q_size) */
+    pd_matrix o;             /* (hidden, q_size) */
     const float *post_norm;  /* (hidden) */
-    const float *gate_up;    /* (2 * intermediate, hidden) */
-    const float *down;       /* (hidden, intermediate) */
+    pd_matrix gate_up;       /* (2 * intermediate, hidden) */
+    pd_matrix down;          /* (hidden, intermediate) */
 } pd_layer;
 
 typedef struct {
@@ -43,9 +47,9 @@ typedef struct {
     int32_t block_size, max_positions;
     int64_t num_blocks;
     float eps;
-    const float *embed;      /* (vocab, hidden) */
+    pd_matrix embed;         /* (vocab, hidden) */
     const float *final_norm; /* (hidden) */
-    const float *lm_head;    /* (vocab, hidden); the embedding when tied */
+    pd_matrix lm_head;       /* (vocab, hidden); the embedding when tied */
     const float *rope;       /* (max_positions, 2, head_dim) */
     const pd_layer *layers;  /* (num_layers) */
 } pd_model;
@@ -88,115 +92,6 @@ static void weighted_rows(const float *v, size_t ldv, const float *w, int ldw, i
     }
 }
 
-static inline void store_row_results(float *y, int ldy, int i, int r, int count, const float *d,
-                                     const float *bias, int accumulate) {
-    float *out = y + (size_t)i * ldy + r;
-    for (int k = 0; k < count; k++) {
-        float v = d[k] + (bias ? bias[r + k] : 0.0f);
-        out[k] = accumulate ? out[k] + v : v;
-    }
-}
-
-/* y[i * ldy + r] (+)= dot(W[r], x[i * ldx]) + bias[r] for rows r in [r0, r1) and inputs i < n.
- * One or two inputs: the rows are read one after another, one sequential stream, which the
- * hardware prefetchers follow best (reading four rows side by side, four streams, measured 10-15%
- * slower on a memory-bound step). More inputs: four weight rows (a few KB) are read once and
- * reused from L1 for every input, three inputs at a time, as the arithmetic then needs it. */
-static void matvec_rows(const float *W, int in, int r0, int r1, const float *x, int ldx, int n,
-                        const float *bias, float *y, int ldy, int accumulate) {
-    float d4[4], d43[4][3];
-    int r = r0;
-    if (n <= 2) {
-        for (; r < r1; r++) {
-            const float *w = W + (size_t)r * in;
-            if (n == 2) {
-                dot1x2(w, in, x, ldx, d4);
-            } else {
-                d4[0] = dot1(w, x, in);
-            }
-            for (int i = 0; i < n; i++) store_row_results(y, ldy, i, r, 1, d4 + i, bias, accumulate);
-        }
-        return;
-    }
-    for (; r + 4 <= r1; r += 4) {
-        const float *w = W + (size_t)r * in;
-        int i = 0;
-        for (; i + 3 <= n; i += 3) {
-            dot4x3(w, in, in, x + (size_t)i * ldx, ldx, d43);
-            for (int k = 0; k < 3; k++) {
-                float column[4] = {d43[0][k], d43[1][k], d43[2][k], d43[3][k]};
-                store_row_results(y, ldy, i + k, r, 4, column, bias, accumulate);
-            }
-        }
-        for (; i < n; i++) {
-            dot4(w, in, in, x + (size_t)i * ldx, d4);
-            store_row_results(y, ldy, i, r, 4, d4, bias, accumulate);
-        }
-    }
-    for (; r < r1; r++) {
-        for (int i = 0; i < n; i++) {
-            float v = dot1(W + (size_t)r * in, x + (size_t)i * ldx, in);
-            store_row_results(y, ldy, i, r, 1, &v, bias, accumulate);
-        }
-    }
-}
-
-/* Rows of a projection are handed out in quads (4 rows, what dot4 covers). Each thread owns one
- * contiguous range of quads and streams it front to back, a long chunk at a time, so the hardware
- * prefetchers keep their streams; a thread that is done steals short chunks from the back of a
- * range still in progress. Static slices alone left one thread idle at every barrier: on a
- * shared machine one core often runs 5-10% slower than the other for seconds at a time, and the
- * step has a barrier after every projection. */
-enum { OWN_QUADS = 16, STOLEN_QUADS = 2 };
-
-typedef struct {
-    _Alignas(64) uint64_t range; /* front << 32 | back, in quads; a cache line per thread */
-} row_share;
-
-/* Splits `quads` quads into one contiguous range per thread. */
-static void share_rows(row_share *shares, int quads, int nt) {
-    for (int id = 0; id < nt; id++) {
-        uint64_t begin = (uint64_t)quads * id / nt, end = (uint64_t)quads * (id + 1) / nt;
-        shares[id].range = begin << 32 | end;
-    }
-}
-
-/* Takes up to `want` quads off the front (or the back) of a range: returns how many, from *start. */
-static int take_quads(row_share *share, int want, int from_back, int *start) {
-    uint64_t old = __atomic_load_n(&share->range, __ATOMIC_RELAXED);
-    for (;;) {
-        uint32_t front = (uint32_t)(old >> 32), back = (uint32_t)old;
-        if (front >= back) return 0;
-        uint32_t count = back - front < (uint32_t)want ? back - front : (uint32_t)want;
-        uint64_t next = from_back ? (uint64_t)front << 32 | (back - count)
-                                  : (uint64_t)(front + count) << 32 | back;
-        /* relaxed: the barrier after the projection publishes the rows written */
-        if (__atomic_compare_exchange_n(&share->range, &old, next, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            *start = (int)(from_back ? back - count : front);
-            return (int)count;
-        }
-    }
-}
-
-/* The next chunk [*q0, *q1) of quads for this thread: its own range first, then the others'. */
-static int next_quads(row_share *shares, int *q0, int *q1) {
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    int count = take_quads(&shares[id], OWN_QUADS, 0, q0);
-    for (int k = 1; count == 0 && k < nt; k++) count = take_quads(&shares[(id + k) % nt], STOLEN_QUADS, 1, q0);
-    *q1 = *q0 + count;
-    return count;
-}
-
-/* y (+)= W x for rows [0, rows), shared out across the team; no barrier at the end. */
-static void matvec_shared(row_share *shares, const float *W, int in, int rows, const float *x, int ldx,
-                          int n, const float *bias, float *y, int ldy, int accumulate) {
-    int q0, q1;
-    while (next_quads(shares, &q0, &q1)) {
-        int r1 = 4 * q1 < rows ? 4 * q1 : rows;
-        matvec_rows(W, in, 4 * q0, r1, x, ldx, n, bias, y, ldy, accumulate);
-    }
-}
-
 /* Whether logit v at index r beats the best so far (b at bi): the larger value, the lower index
  * on a tie, and NaN above everything (numpy's and torch's argmax return the first NaN). */
 static inline int beats(float v, int32_t r, float b, int32_t bi) {
@@ -207,13 +102,15 @@ static inline int beats(float v, int32_t r, float b, int32_t bi) {
 /* The LM head: logits (n, vocab) = W x, shared out like every projection; each thread also
  * keeps, per input, the largest logit of the rows it wrote (best, best_id: (n) each), read
  * while those rows are still in L1. */
-static void lm_head_shared(row_share *shares, const float *W, int in, int vocab, const float *x, int n,
-                           float *logits, float *best, int32_t *best_id) {
+static void lm_head_shared(row_share *shares, const pd_matrix *W, const float *x, int n, float *logits,
+                           float *best, int32_t *best_id, float *unpacked) {
+    const int vocab = W->rows;
     for (int i = 0; i < n; i++) best[i] = -INFINITY, best_id[i] = INT32_MAX;
+    prepare_projection(x, W->cols, n, W->cols, unpacked);
     int q0, q1;
     while (next_quads(shares, &q0, &q1)) {
         const int r0 = 4 * q0, r1 = 4 * q1 < vocab ? 4 * q1 : vocab;
-        matvec_rows(W, in, r0, r1, x, in, n, NULL, logits, vocab, 0);
+        project_rows(W, r0, r1, x, W->cols, n, NULL, logits, vocab, 0, unpacked);
         for (int i = 0; i < n; i++) {
             const float *row = logits + (size_t)i * vocab;
             for (int r = r0; r < r1; r++) {
@@ -238,6 +135,8 @@ typedef struct {
     row_share *shares; /* (layers * PROJECTIONS + 1, threads): the work split of each projection */
     float *best;       /* (threads, n): each thread's largest logit per input, and its index */
     int32_t *best_id;  /* (threads, n) */
+    float *unpacked;   /* (threads, unpacked_stride): each thread's unpacked rows (projection.h) */
+    size_t unpacked_stride;
 } buffers;
 
 enum { PROJECTIONS = 4 }; /* per layer: qkv, o, gate_up, down; then the LM head */
@@ -413,7 +312,8 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
     const int nt = omp_get_num_threads();
 
     rms_norm_rows(b->x, L->input_norm, n, D, m->eps, normed);
-    matvec_shared(shares, L->qkv, D, qkv_out, normed, D, n, L->qkv_bias, b->qkv, qkv_out, 0);
+    float *unpacked = b->unpacked + (size_t)omp_get_thread_num() * b->unpacked_stride;
+    project_shared(shares, &L->qkv, normed, D, n, L->qkv_bias, b->qkv, qkv_out, 0, unpacked);
 #pragma omp barrier
     int t0, t1;
     thread_share(in->num_tasks, &t0, &t1);
@@ -432,22 +332,23 @@ static void layer_step(const pd_model *m, int layer, const step_inputs *in, buff
         merge_attention(m, in, b->partials, attn, item0, item1);
 #pragma omp barrier
     }
-    matvec_shared(shares + nt, L->o, q_size, D, attn, q_size, n, NULL, b->x, D, 1); /* x += o(attn) */
+    project_shared(shares + nt, &L->o, attn, q_size, n, NULL, b->x, D, 1, unpacked); /* x += o(attn) */
 #pragma omp barrier
     rms_norm_rows(b->x, L->post_norm, n, D, m->eps, normed);
     /* Gate rows [j0, j1) with the matching up rows: then act's columns [j0, j1) are complete. */
+    prepare_projection(normed, D, n, D, unpacked);
     int q0, q1;
     while (next_quads(shares + 2 * nt, &q0, &q1)) {
         const int j0 = 4 * q0, j1 = 4 * q1 < I ? 4 * q1 : I;
-        matvec_rows(L->gate_up, D, j0, j1, normed, D, n, NULL, b->gate_up, 2 * I, 0);
-        matvec_rows(L->gate_up, D, I + j0, I + j1, normed, D, n, NULL, b->gate_up, 2 * I, 0);
+        project_rows(&L->gate_up, j0, j1, normed, D, n, NULL, b->gate_up, 2 * I, 0, unpacked);
+        project_rows(&L->gate_up, I + j0, I + j1, normed, D, n, NULL, b->gate_up, 2 * I, 0, unpacked);
         for (int i = 0; i < n; i++) {
             const float *gate = b->gate_up + (size_t)i * 2 * I, *up = gate + I;
             silu_mul(gate + j0, up + j0, j1 - j0, b->act + (size_t)i * I + j0);
         }
     }
 #pragma omp barrier
-    matvec_shared(shares + 3 * nt, L->down, I, D, b->act, I, n, NULL, b->x, D, 1); /* x += down(act) */
+    project_shared(shares + 3 * nt, &L->down, b->act, I, n, NULL, b->x, D, 1, unpacked); /* x += down(act) */
 #pragma omp barrier
 }
 
@@ -483,13 +384,16 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         task_start[i + 1] = task_start[i] + (seq_lens[i] + m->block_size - 1) / m->block_size;
     step_inputs in = {n, max_blocks, task_start[n], block_table, seq_lens, task_start, kv_cache};
     const int num_shares = (m->num_layers * PROJECTIONS + 1) * num_threads;
-    enum { PARTS = 11 };
+    /* Each thread's 4 unpacked rows of the widest weight (stored formats, batches of 3 and more). */
+    const size_t widest = (size_t)(D > I ? (D > q_size ? D : q_size) : (I > q_size ? I : q_size));
+    const size_t unpacked_stride = projection_scratch((int)widest, n);
+    enum { PARTS = 12 };
     size_t sizes[PARTS] = {(size_t)n * D, (size_t)num_threads * n * D, (size_t)n * qkv_out,
                            (size_t)num_threads * n * q_size, (size_t)num_threads * n * q_size,
                            (size_t)n * 2 * I, (size_t)n * I,
                            (size_t)in.num_tasks * m->num_heads * (hd + 2),
                            (size_t)num_threads * m->num_heads * m->block_size,
-                           (size_t)num_threads * n, (size_t)num_threads * n};
+                           (size_t)num_threads * n, (size_t)num_threads * n, num_threads * unpacked_stride};
     size_t total = 0;
     for (int k = 0; k < PARTS; k++) total += (sizes[k] + 15) & ~(size_t)15; /* 64-byte aligned parts */
     float *arena = aligned_alloc(64, total * sizeof(float));
@@ -503,16 +407,17 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
     buffers b;
     float *best_id_slots; /* int32 values in float-sized slots */
     float **parts[PARTS] = {&b.x, &b.normed, &b.qkv, &b.attn, &b.q_rot, &b.gate_up, &b.act, &b.partials,
-                            &b.scratch, &b.best, &best_id_slots};
+                            &b.scratch, &b.best, &best_id_slots, &b.unpacked};
     size_t offset = 0;
     for (int k = 0; k < PARTS; k++) {
         *parts[k] = arena + offset;
         offset += (sizes[k] + 15) & ~(size_t)15;
     }
     b.shares = shares;
+    b.unpacked_stride = unpacked_stride;
     b.best_id = (int32_t *)best_id_slots;
     for (int k = 0; k < num_threads * n; k++) b.best_id[k] = INT32_MAX; /* threads left out of the team */
-    for (int i = 0; i < n; i++) memcpy(b.x + (size_t)i * D, m->embed + (size_t)token_ids[i] * D, sizeof(float) * D);
+    for (int i = 0; i < n; i++) matrix_row(&m->embed, token_ids[i], b.x + (size_t)i * D);
 
 #pragma omp parallel num_threads(num_threads)
     {
@@ -531,8 +436,8 @@ int pd_decode_step(const pd_model *m, int n, const int64_t *token_ids, const int
         float *normed = b.normed + (size_t)omp_get_thread_num() * n * D;
         rms_norm_rows(b.x, m->final_norm, n, D, m->eps, normed);
         const int id = omp_get_thread_num();
-        lm_head_shared(head_shares, m->lm_head, D, m->vocab, normed, n, logits, b.best + (size_t)id * n,
-                       b.best_id + (size_t)id * n);
+        lm_head_shared(head_shares, &m->lm_head, normed, n, logits, b.best + (size_t)id * n,
+                       b.best_id + (size_t)id * n, b.unpacked + (size_t)id * b.unpacked_stride);
     }
     for (int i = 0; i < n; i++) {
         float best = -INFINITY;

@@ -26,28 +26,32 @@ void pd_rope(float *x, int64_t rows, int64_t stride, int heads, int head_dim, co
     }
 }
 
-/* Sums float buffers, each split across the threads the way the projections are: the read
- * bandwidth this code reaches, for the benchmark's floor. Given the model's weights, it reads
- * exactly the memory a decode step reads, as fast as the machine will stream it. */
-double pd_stream_sum(const float *const *buffers, const int64_t *counts, int num_buffers, int num_threads) {
-    double total = 0.0;
+/* Reads buffers of any format front to back, each split across the threads the way the
+ * projections are, adding their 32-bit words as integers (so no bit pattern slows the adds):
+ * the read bandwidth this code reaches, for the benchmark's floor. Given the model's weights, it
+ * reads exactly the memory a decode step reads, as fast as the machine will stream it. */
+uint64_t pd_stream_read(const uint8_t *const *buffers, const int64_t *nbytes, int num_buffers, int num_threads) {
+    uint64_t total = 0;
 #pragma omp parallel num_threads(num_threads) reduction(+ : total)
     {
         int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
         for (int k = 0; k < num_buffers; k++) {
-            const float *buf = buffers[k];
-            int64_t per = (counts[k] / nt) & ~(int64_t)31;
-            int64_t c = id * per, end = id == nt - 1 ? counts[k] : c + per;
-            float part = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const uint32_t *buf = (const uint32_t *)buffers[k];
+            const int64_t words = nbytes[k] / 4;
+            int64_t per = (words / nt) & ~(int64_t)31;
+            int64_t c = id * per, end = id == nt - 1 ? words : c + per;
+            uint32_t part = 0;
+#if defined(__AVX2__)
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
             for (; c + 32 <= end; c += 32) {
-                a0 = _mm256_add_ps(a0, _mm256_loadu_ps(buf + c));
-                a1 = _mm256_add_ps(a1, _mm256_loadu_ps(buf + c + 8));
-                a2 = _mm256_add_ps(a2, _mm256_loadu_ps(buf + c + 16));
-                a3 = _mm256_add_ps(a3, _mm256_loadu_ps(buf + c + 24));
+                a0 = _mm256_add_epi32(a0, _mm256_loadu_si256((const __m256i *)(buf + c)));
+                a1 = _mm256_add_epi32(a1, _mm256_loadu_si256((const __m256i *)(buf + c + 8)));
+                a2 = _mm256_add_epi32(a2, _mm256_loadu_si256((const __m256i *)(buf + c + 16)));
+                a3 = _mm256_add_epi32(a3, _mm256_loadu_si256((const __m256i *)(buf + c + 24)));
             }
-            part = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            uint32_t lanes[8];
+            _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)));
+            for (int l = 0; l < 8; l++) part += lanes[l];
 #endif
             for (; c < end; c++) part += buf[c];
             total += part;
