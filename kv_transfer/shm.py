@@ -1,6 +1,11 @@
 """Same-host shared memory: the receiver's KV cache is a file in /dev/shm mapped shared; each
 sender maps the same file and copies chunks straight into the receiver's blocks (one memcpy,
 no staging). The control header is sent after the copy, so a chunk is complete when it is seen.
+
+Pages of the file are allocated as blocks are first written, so a worker's resident memory
+grows with the KV it holds, not with the cache it reserved. `prefault=True` touches every page
+up front instead (receiver and senders alike), which spares the first transfers into each page
+a page fault: for benchmarks of steady-state bandwidth, or hosts with memory to spare.
 """
 from __future__ import annotations
 
@@ -38,12 +43,17 @@ def prefault(cache: torch.Tensor, page_bytes: int = 4096) -> None:
 class ShmReceiver(KVReceiver):
     backend = "shm"
 
+    def __init__(self, *args: Any, prefault: bool = False, **kwargs: Any) -> None:
+        self.prefault = prefault
+        super().__init__(*args, **kwargs)
+
     def _allocate_cache(self, num_blocks: int, device: str | torch.device) -> torch.Tensor:
         if torch.device(device).type != "cpu":
             raise ValueError("the shm backend keeps the cache in host memory; use device='cpu'")
         self._path = os.path.join(SHM_DIR, f"pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        cache = map_shared_cache(self._path, self.layout, num_blocks)
-        cache.zero_()  # touch every page now, so the first transfer does not pay the page faults
+        cache = map_shared_cache(self._path, self.layout, num_blocks)  # a new file reads as zeros
+        if self.prefault:
+            cache.zero_()  # every page now, so no transfer pays the page faults
         return cache
 
     def _adopt_cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -57,7 +67,7 @@ class ShmReceiver(KVReceiver):
             pass
 
     def _welcome(self, peer: PeerLink) -> dict[str, Any]:
-        return {"path": self._path, "num_blocks": self.num_blocks}
+        return {"path": self._path, "num_blocks": self.num_blocks, "prefault": self.prefault}
 
     def _land_chunk(self, peer: PeerLink, block_ids: tuple[int, ...], layer: int | None, keep: bool) -> None:
         """Nothing to do: the sender already wrote the blocks before sending the header."""
@@ -68,7 +78,8 @@ class ShmSender(KVSender):
 
     def _open_link(self, link: ReceiverLink, backend_info: dict[str, Any]) -> None:
         remote_cache = map_shared_cache(backend_info["path"], self.layout, backend_info["num_blocks"])
-        prefault(remote_cache)
+        if backend_info.get("prefault"):
+            prefault(remote_cache)
         link.backend_state = remote_cache
 
     def _push(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster_state.agent import WorkerAgent
+from cluster_state.aio import stop_tasks
 from cluster_state.presence import fetch_cluster_secret, registry_record, start_agent, worker_node
 from cluster_state.worker_spec import WorkerSpec
 from engine.background import BackgroundEngine
@@ -253,8 +254,7 @@ class PrefillWorker:
         return await asyncio.wrap_future(self.background.call(collect))
 
     async def shutdown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        await stop_tasks(self._tasks, timeout_s=3.0)
         if self.agent is not None:
             await self.agent.close()
         if self.background is not None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from cluster_state.aio import stop_tasks
 from cluster_state.block_index import BlockIndexFollower
 from cluster_state.connection import is_redis_error
 from cluster_state.journal import RequestJournal
@@ -116,9 +117,7 @@ class ClusterBackend:
     async def close(self) -> None:
         await self.dispatcher.close()
         await self.pumps.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
 
     @property
     def max_model_len(self) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from cluster_state.aio import stop_tasks
 from router.backend import TokenDelta
 from router.pools import ClusterView, WorkerHandle, root_cause
 from router.worker_lost import WorkerLost
@@ -41,9 +42,7 @@ class TokenPumps:
             self._tasks[worker.worker_id] = asyncio.get_running_loop().create_task(self._pump(worker))
 
     async def close(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await stop_tasks(self._tasks.values())
 
     def worker_restarted(self, worker: WorkerHandle, old_generation: int) -> None:
         self._end_attempts(worker, old_generation, WorkerLost(

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from cluster_state import ClusterKeys, RedisSettings, connect, redacted_url
+from cluster_state.aio import stop_tasks
 from cluster_state.block_index import BlockIndexFollower
 from cluster_state.journal import RequestJournal
 from cluster_state.keys import DEFAULT_CLUSTER_NAME
@@ -159,9 +160,7 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
                 finally:
                     await backend.close()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             await redis.aclose()
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cluster_state.aio import stop_tasks
 from cluster_state.block_index import BlockIndex
 from engine.kv_cache import hash_request_blocks
 from router.admission.queue import AdmissionQueue, QueuedRequest
@@ -194,6 +195,4 @@ class Dispatcher:
         return time.monotonic() - self._no_workers_since
 
     async def close(self) -> None:
-        for task in list(self._admits):
-            task.cancel()
-        await asyncio.gather(*self._admits, return_exceptions=True)
+        await stop_tasks(list(self._admits))
