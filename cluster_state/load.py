@@ -3,7 +3,7 @@ same picture. The rates come from the worker's own measured step times (fitted o
 router's cost predictions follow the hardware it actually runs on."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster_state.records import JsonRecord
 
@@ -25,6 +25,7 @@ class LoadReport(JsonRecord):
     decode_s_per_seq: float = 0.0
     step_samples: int = 0  # steps the fit has seen
     transfer_bytes_per_s: float = 0.0  # prefill side: measured KV push bandwidth (0: not measured yet)
+    transfer_choices: dict = field(default_factory=dict)  # decode side: tickets per KV backend
     published_at: float = 0.0  # wall clock (time.time()) of the snapshot
 
     @property

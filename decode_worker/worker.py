@@ -147,7 +147,7 @@ class DecodeWorker:
         self.background.start()
         if spec.redis_url:
             self.agent = await start_agent(spec, self.background, registry_record(spec, engine, self.receivers),
-                                           self._secret)
+                                           self._secret, self._extra_load)
             self.generation = self.agent.generation
             self._tasks.append(self._loop.create_task(self.agent.run()))
         if self.receivers is not None:
@@ -248,7 +248,10 @@ class DecodeWorker:
         return Reservation(ticket, num_cached)
 
     def _report(self, load: EngineLoad | None = None) -> LoadReport:
-        return load_report(load or self.background.load)
+        return load_report(load or self.background.load, **self._extra_load())
+
+    def _extra_load(self) -> dict:
+        return {"transfer_choices": dict(self.receivers.choices)} if self.receivers is not None else {}
 
     async def renew_leases(self, request_ids: list[str]) -> list[str]:
         """The prefill worker holding these tickets is alive; returns ids whose lease is gone."""

@@ -24,7 +24,7 @@ def _backend_module(backend: str) -> Any:
 
 
 def create_sender(backend: str, layout: KVLayout, **options: Any) -> KVSender:
-    """A sender for `backend`; options: sender_id, device, authkey, timeout_s. Connect it to
+    """A sender for `backend`; options: sender_id, generation, host, device, authkey, timeout_s. Connect it to
     receivers with `connect(endpoint)` when the worker starts."""
     return _backend_module(backend).Sender(layout, **options)
 

@@ -44,6 +44,7 @@ class KVSender(abc.ABC):
         *,
         sender_id: str | None = None,
         generation: int = 0,
+        host: str | None = None,
         device: str | torch.device = "cpu",
         authkey: bytes = DEFAULT_AUTHKEY,
         timeout_s: float = 30.0,
@@ -53,6 +54,9 @@ class KVSender(abc.ABC):
         # This sender's incarnation (its worker's generation, once registered); receivers refuse
         # a hello from an older one than they know. Set it before connecting.
         self.generation = generation
+        # The address this sender's own sockets (a process group's) listen on: its node's. None:
+        # whichever local address routes towards the receiver.
+        self.host = host
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.counters = TransferCounters(self.backend)

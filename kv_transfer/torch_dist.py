@@ -113,7 +113,8 @@ class TorchDistSender(KVSender):
             host, backend_info["store_port"], is_master=False, timeout=timedelta(seconds=self.timeout_s)
         )
         pair_store = dist.PrefixStore(backend_info["prefix"], store)
-        group = make_pair_group(pair_store, SENDER_RANK, self.device, local_address_towards(host), self.timeout_s)
+        local = self.host or local_address_towards(host)
+        group = make_pair_group(pair_store, SENDER_RANK, self.device, local, self.timeout_s)
         link.backend_state = _PairChannel(group)
 
     def _push(

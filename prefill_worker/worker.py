@@ -90,8 +90,8 @@ class PrefillWorker:
         layout = KVLayout(**engine.kv_layout_fields())
         options = {"authkey": secret} if secret else {}
         device = resolve_device(spec.engine.device)
-        self.sender = SenderSet(layout, sender_id=spec.worker_id, device=device, **options)
         self.node = worker_node(spec)
+        self.sender = SenderSet(layout, sender_id=spec.worker_id, device=device, host=self.node, **options)
         self.pusher = KVPusher(self.sender, engine.runner.kv_cache, layout.block_size,
                                engine.kv_manager.get_block_ids, spec.kv_push)
         engine.after_forward = self.pusher.after_forward
