@@ -75,12 +75,15 @@ class _Stream:
     settled: bool = False  # finished on its own, or aborted on every worker it touched
     first_token_seen: bool = False
     journal_gap: bool = False  # some tokens went out without being journaled (Redis was away)
+    tag: str = ""  # set when this router took the stream over from another: its worker ids differ
 
     @property
     def worker_request_id(self) -> str:
         """The id on the workers: a fresh one per attempt, so a resumed attempt can never collide
-        with what an earlier one left on a worker."""
-        return self.request_id if self.attempt == 0 else f"{self.request_id}#{self.attempt}"
+        with what an earlier one (of this router or of one that died) left on a worker."""
+        if self.attempt == 0 and not self.tag:
+            return self.request_id
+        return f"{self.request_id}#{self.tag}{self.attempt}"
 
 
 class ClusterBackend:
@@ -149,6 +152,12 @@ class ClusterBackend:
         self.streams[request_id] = stream
         await self._journal_call(stream, lambda j: j.begin(request_id, stream.prompt_token_ids,
                                                            _params_record(params)))
+        async for delta in self.run_stream(stream):
+            yield delta
+
+    async def run_stream(self, stream: _Stream) -> AsyncIterator[TokenDelta]:
+        """A submitted stream's deltas, through every attempt it takes, until it ends."""
+        request_id = stream.request_id
         try:
             while True:
                 try:
@@ -170,6 +179,17 @@ class ClusterBackend:
                 self._end_attempt(stream)
                 self.streams.pop(request_id, None)
                 self.dispatcher.capacity_changed.set()
+
+    def adopt(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+              output_token_ids: list[int], tag: str) -> _Stream:
+        """Take over a stream another router began (router.takeover): it resumes with the tokens
+        that router journaled, ahead of new arrivals; run it with run_stream()."""
+        if request_id in self.streams:
+            raise BackendError(f"request id {request_id!r} is already in flight on this router")
+        stream = _Stream(request_id, list(prompt_token_ids), params, 0, list(output_token_ids), attempt=1, tag=tag)
+        self._submit(stream)
+        self.streams[request_id] = stream
+        return stream
 
     def _submit(self, stream: _Stream) -> None:
         resumed = stream.attempt > 0
