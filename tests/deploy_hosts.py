@@ -113,9 +113,15 @@ class Host:
         finally:
             out.close()
 
-    def python(self, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(self._enter() + [sys.executable, "-c", code], env=self.env,
+    def exec(self, argv: list[str], env: dict[str, str] | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess:
+        """A program (no shell) on this host, to completion."""
+        return subprocess.run(self._enter() + argv, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout, cwd=self.home)
+
+    def python(self, code: str, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.exec([sys.executable, "-c", code], env=env, timeout=timeout)
 
     def close(self) -> None:
         if self.init_pid:
@@ -217,11 +223,11 @@ def ask_capital_of_france(host: Host, target: str) -> subprocess.CompletedProces
         "'What is the capital of France?'", timeout=180)
 
 
-def ray_available_resources(host: Host) -> dict:
+def ray_available_resources(host: Host, env: dict[str, str] | None = None) -> dict:
     """What the Ray cluster that `host` belongs to has left, from a driver on that host."""
     result = host.python(
         "import json, ray; ray.init(address='auto', logging_level='ERROR'); "
-        "print(json.dumps(ray.available_resources()))", timeout=90)
+        "print(json.dumps(ray.available_resources()))", env=env, timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
