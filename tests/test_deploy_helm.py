@@ -231,15 +231,16 @@ def resolve(text: str, names: dict[str, str]) -> str:
 
 
 def run_probe(host, probe: dict, env: dict, timeout_s: float, diagnostics) -> None:
-    """A readiness probe, retried the way the kubelet does until it passes."""
+    """A readiness probe, retried the way the kubelet does (against the pod's address) until it
+    passes."""
     if "grpc" in probe:
-        wait_for_serving(host, f"127.0.0.1:{probe['grpc']['port']}", timeout_s, diagnostics)
+        wait_for_serving(host, f"{host.ip}:{probe['grpc']['port']}", timeout_s, diagnostics)
         return
     if "exec" in probe:
         command = " ".join(f"'{part}'" for part in probe["exec"]["command"])
     else:
         port = probe["tcpSocket"]["port"]
-        command = f"python -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 2)'"
+        command = f"python -c 'import socket; socket.create_connection((\"{host.ip}\", {port}), 2)'"
     result = host.run(f"for i in $(seq {int(timeout_s)}); do {command} > /dev/null 2>&1 && exit 0; "
                       "sleep 1; done; exit 1", env=env, timeout=timeout_s + 30)
     assert result.returncode == 0, f"probe {probe} never passed on {host.name}\n{diagnostics()}"
