@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import time
 
 import pytest
 import yaml
@@ -246,6 +247,15 @@ def run_probe(host, probe: dict, env: dict, timeout_s: float, diagnostics) -> No
     assert result.returncode == 0, f"probe {probe} never passed on {host.name}\n{diagnostics()}"
 
 
+def wait_for_line(path: str, text: str, timeout_s: float, diagnostics) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and text in open(path, errors="replace").read():
+            return
+        time.sleep(1)
+    raise AssertionError(f"{path} never said {text!r}\n{diagnostics()}")
+
+
 def named_ports(container: dict) -> dict:
     return {p["name"]: p["containerPort"] for p in container.get("ports", [])}
 
@@ -292,6 +302,11 @@ def test_rendered_pods_serve_a_request_when_run_as_processes(demo_gguf_path):
             logs[part] = os.path.join(host.root, "container.log")
             host.popen(argv, env=env, log_path=logs[part])
             probe = container.get("readinessProbe")
+            if part in ("prefill", "decode"):
+                # Kubernetes starts the pools' pods at once, on machines of their own. These
+                # hosts share one filesystem, where Ray nodes joining at the same instant trip
+                # over each other's files: one at a time.
+                wait_for_line(logs[part], "Ray runtime started", 120, diagnostics)
             if probe:
                 if "tcpSocket" in probe and isinstance(probe["tcpSocket"]["port"], str):
                     probe = {"tcpSocket": {"port": named_ports(container)[probe["tcpSocket"]["port"]]}}
