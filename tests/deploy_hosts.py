@@ -119,6 +119,14 @@ class Host:
         return subprocess.run(self._enter() + argv, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout, cwd=self.home)
 
+    @staticmethod
+    def send_signal(process: subprocess.Popen, sig: int) -> None:
+        """Signal a process started by popen(): nsenter forwards no signal, so it goes to
+        nsenter's child, the program itself; nsenter then exits with the program's status."""
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+            for child in f.read().split():
+                os.kill(int(child), sig)
+
     def python(self, code: str, env: dict[str, str] | None = None,
                timeout: float = 60) -> subprocess.CompletedProcess:
         return self.exec([sys.executable, "-c", code], env=env, timeout=timeout)

@@ -60,7 +60,7 @@ def test_serve_starts_its_own_ray_beside_a_foreign_one_and_joins_on_request(demo
         assert foreign == {"gcs": FOREIGN, "nodes": 1, "cpus": 1.0, "free_cpus": 1.0}
         # --ray-address auto (the address file) and host:port join the foreign cluster.
         assert cluster_of(machine, "auto")["gcs"] == FOREIGN
-        server.send_signal(signal.SIGINT)
+        machine.send_signal(server, signal.SIGINT)
         assert server.wait(timeout=90) == 0, tail(log)
 
         # The foreign cluster dies and leaves its address file: still a private instance.
