@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from protos.pdserve.v1 import generation_pb2 as pb  # noqa: E402
+from router.cluster_backend import RoutingConfig  # noqa: E402
 from router.embedded import EmbeddedCluster  # noqa: E402
 from router.pools import PoolConfig  # noqa: E402
 from router.serve import ServeConfig  # noqa: E402
@@ -92,7 +93,9 @@ def main(argv=None) -> int:
     config = ServeConfig(
         engine=EngineConfig.from_options(args.model, **options),
         pools=PoolConfig(mode="disaggregated", transfer_backend=args.transfer_backend,
-                         torch_threads=args.torch_threads))
+                         torch_threads=args.torch_threads),
+        # Every prompt through the prefill worker and the KV transfer: that path is measured here.
+        routing=RoutingConfig(disaggregation="always"))
     log("starting the cluster (1 prefill + 1 decode worker)")
     single, cluster = [], []
     with EmbeddedCluster(config) as server:

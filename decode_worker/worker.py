@@ -1,22 +1,38 @@
-"""DecodeWorker: an asyncio Ray actor around a BackgroundEngine and a KV receiver."""
+"""DecodeWorker: an asyncio Ray actor around a BackgroundEngine, a KV receiver and its presence in
+the cluster's registry.
+
+The constructor starts the worker by itself (model, receiver, registration), so when Ray restarts
+a killed worker with the same arguments, the new incarnation registers under a new generation
+without anyone asking; every method waits for the start to finish.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from cluster_state.agent import WorkerAgent
+from cluster_state.load import LoadReport
+from cluster_state.presence import load_report, node_ip, registry_record, start_agent
+from cluster_state.worker_spec import WorkerSpec
+from decode_worker.outbox import RouterOutboxes, StepDelta
 from engine.background import BackgroundEngine
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.scheduler import AdmissionRefusal
+from engine.step_stats import EngineLoad
 from kv_transfer import KVLayout, LeaseTable, TransferTicket, create_receiver
 
 logger = logging.getLogger(__name__)
+
+
+class StaleGenerationError(RuntimeError):
+    """A call carried a ticket of another incarnation of this worker (it restarted since)."""
 
 
 @dataclass(frozen=True)
@@ -28,14 +44,23 @@ class Reservation:
 
 
 @dataclass(frozen=True)
-class StepDelta:
-    """New tokens of one request from one or more engine steps."""
+class AdmitReply:
+    """A decode worker's answer to admit(): admitted (with a reservation when the prompt is
+    prefilled elsewhere) or refused naming the limit; either way its load right after."""
 
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    finish_reason: str | None
-    logprobs: tuple[dict[int, float], ...] | None
-    num_cached_tokens: int
+    admitted: bool
+    generation: int
+    load: LoadReport
+    reservation: Reservation | None = None
+    limit: str | None = None  # refused: "sequence slots" | "KV blocks"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class OutputBatch:
+    deltas: list[StepDelta]
+    load: LoadReport
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -49,6 +74,9 @@ class WorkerStats:
     transfers: int
     transfer_chunks: int
     transfer_failures: int
+    generation: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 def _to_delta(out: RequestOutput) -> StepDelta:
@@ -60,99 +88,171 @@ def _to_delta(out: RequestOutput) -> StepDelta:
 
 
 class DecodeWorker:
-    """role "decode": receives KV and decodes; role "mixed": prefills and decodes (colocated)."""
+    """role "decode": receives KV (or prefills a request itself when the router decides so) and
+    decodes; role "mixed": prefills and decodes everything, with no receiver (colocated)."""
 
-    def __init__(self, engine_config: EngineConfig, role: str = "decode",
-                 transfer_backend: str = "shm", lease_ttl_s: float = 30.0,
-                 torch_threads: int | None = None) -> None:
-        if role not in ("decode", "mixed"):
-            raise ValueError(f"decode worker role must be 'decode' or 'mixed', got {role!r}")
-        self.engine_config = engine_config
-        self.role = role
-        self.transfer_backend = transfer_backend
-        self.lease_ttl_s = lease_ttl_s
-        self.torch_threads = torch_threads
+    def __init__(self, spec: WorkerSpec) -> None:
+        if spec.role not in ("decode", "mixed"):
+            raise ValueError(f"decode worker role must be 'decode' or 'mixed', got {spec.role!r}")
+        self.spec = spec
+        self.role = spec.role
         self.receiver = None
         self.background: BackgroundEngine | None = None
+        self.agent: WorkerAgent | None = None
+        self.generation = 0
         self.leases = LeaseTable(on_expire=self._on_lease_expired)
         # Tickets whose transfer has not settled: the sender may still write into their blocks
         # (shm and CUDA IPC write before they announce a chunk), so those blocks are never
         # freed before the sender says done or failed, its link drops, or its lease lapses.
         self._in_transfer: set[str] = set()
-        self._pending: dict[str, StepDelta] = {}
-        self._pending_lock = threading.Lock()
-        self._ready = asyncio.Event()
+        self.outboxes: RouterOutboxes | None = None
+        self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._start_task: asyncio.Task | None = None
+        try:  # Ray runs an async actor's constructor on its event loop: start right away
+            self._start_task = asyncio.get_running_loop().create_task(self._start())
+        except RuntimeError:
+            pass
 
     # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> dict:
-        """Load the model, open the KV receiver, start the engine loop; returns layout and endpoint."""
-        self._loop = asyncio.get_running_loop()
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        engine = await asyncio.to_thread(self._build_engine)
-        self.background = BackgroundEngine(engine, self._on_outputs)
-        self.background.start()
-        self._loop.create_task(self._expire_leases_forever())
+        """Wait until the worker serves; returns its layout, endpoint and generation."""
+        if self._start_task is None:
+            self._start_task = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._start_task)
+        return self.info()
+
+    def info(self) -> dict:
+        engine = self.background.engine
         return {"layout": engine.kv_layout_fields(), "max_model_len": engine.max_model_len,
-                "endpoint": self.receiver.endpoint if self.receiver else None}
+                "endpoint": self.receiver.endpoint if self.receiver else None,
+                "generation": self.generation, "worker_id": self.spec.worker_id, "pid": os.getpid()}
+
+    async def _start(self) -> None:
+        spec = self.spec
+        self._loop = asyncio.get_running_loop()
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        engine = await asyncio.to_thread(self._build_engine)
+        if spec.calibrate:
+            await asyncio.to_thread(engine.calibrate)
+        self.background = BackgroundEngine(engine, self._on_outputs)
+        self.outboxes = RouterOutboxes(self._loop, spec.router_lease_s)
+        self.background.start()
+        if spec.redis_url:
+            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, self.receiver))
+            self.generation = self.agent.generation
+            self._tasks.append(self._loop.create_task(self.agent.run()))
+        if self.receiver is not None:
+            self.receiver.generation = self.generation
+            self.receiver.peer_check = self._check_peer
+        self._tasks.append(self._loop.create_task(self._expire_forever()))
+
+    async def _ready(self) -> None:
+        if self.background is None:
+            await self.start()
 
     def _build_engine(self) -> LLMEngine:
         if self.role == "mixed":
-            return LLMEngine(self.engine_config, detokenize=False)
-        return LLMEngine(self.engine_config, kv_cache_factory=self._open_receiver, detokenize=False)
+            return LLMEngine(self.spec.engine, detokenize=False)
+        return LLMEngine(self.spec.engine, kv_cache_factory=self._open_receiver, detokenize=False)
 
     def _open_receiver(self, shape, model_name: str) -> torch.Tensor:
         """The receiver allocates the KV cache, where prefill workers write directly."""
         layout = KVLayout(model=model_name, dtype=str(shape.dtype).removeprefix("torch."),
                           block_size=shape.block_size, num_layers=shape.num_layers,
                           num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
-        self.receiver = create_receiver(self.transfer_backend, layout, shape.num_blocks)
+        self.receiver = create_receiver(self.spec.transfer_backend, layout, shape.num_blocks,
+                                        host=self.spec.host or node_ip())
         return self.receiver.kv_cache
 
+    def _check_peer(self, sender_id: str, generation: int) -> str | None:
+        """Refuse a sender the registry knows a newer incarnation of."""
+        peer = self.agent.peers.get(sender_id) if self.agent is not None else None
+        if peer is not None and peer.record.generation > generation:
+            return (f"stale sender: {sender_id} generation {generation} connected, generation "
+                    f"{peer.record.generation} is registered")
+        return None
+
     async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.agent is not None:
+            await self.agent.close()
         if self.background is not None:
             self.background.stop()
         if self.receiver is not None:
             self.receiver.close()
 
-    # --- disaggregated path -----------------------------------------------------------
-    async def reserve(self, request_id: str, prompt_token_ids: list[int],
-                      params: SamplingParams) -> Reservation | None:
-        """Hold blocks for the prompt; None when this worker has no room right now."""
-        reservation = await self._call(
-            lambda engine: engine.reserve_for_transfer(request_id, prompt_token_ids, params))
-        if reservation is None:
-            return None
-        num_cached, block_table = reservation
-        first_block = num_cached // self.receiver_block_size
+    async def pid(self) -> int:
+        return os.getpid()
+
+    # --- admission --------------------------------------------------------------------
+    async def admit(self, router_id: str, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, remote_prefill: bool) -> AdmitReply:
+        """Take the request if a sequence slot and the KV blocks are free now.
+
+        remote_prefill: the prompt's KV comes from a prefill worker, so hold its blocks and
+        return a ticket; otherwise this worker prefills it itself and its tokens (the first
+        one too) arrive through next_outputs.
+        """
+        await self._ready()
+        if remote_prefill and self.receiver is None:
+            raise ValueError(f"{self.spec.worker_id} has no KV receiver (role {self.role})")
+        self.outboxes.assign(request_id, router_id)  # before the engine can emit a token
+        try:
+            if remote_prefill:
+                result, load = await self._call(lambda engine: (
+                    engine.reserve_for_transfer(request_id, prompt_token_ids, params), engine.load_snapshot()))
+            else:
+                result, load = await self._call(lambda engine: (
+                    engine.admit_request(prompt_token_ids, params, request_id), engine.load_snapshot()))
+        except BaseException:
+            self.outboxes.forget(request_id)
+            raise
+        if isinstance(result, AdmissionRefusal):
+            self.outboxes.forget(request_id)
+            return AdmitReply(False, self.generation, self._report(load), limit=result.limit,
+                              detail=result.detail)
+        reservation = self._issue_ticket(request_id, prompt_token_ids, *result) if remote_prefill else None
+        return AdmitReply(True, self.generation, self._report(load), reservation)
+
+    def _issue_ticket(self, request_id: str, prompt_token_ids: list[int], num_cached: int,
+                      block_table: list[int]) -> Reservation:
+        first_block = num_cached // self.receiver.layout.block_size
         try:
             ticket = self.receiver.issue_ticket(
                 request_id, block_table[first_block:], len(prompt_token_ids) - num_cached,
                 lease_id=request_id, first_token=num_cached)
         except Exception:
-            await self._call(lambda engine: engine.abort_request(request_id))
+            self.background.call(lambda engine: engine.abort_request(request_id))
+            self.outboxes.forget(request_id)
             raise
         self._in_transfer.add(request_id)
-        self.leases.grant(request_id, self.lease_ttl_s)
+        self.leases.grant(request_id, self.spec.lease_ttl_s)
         return Reservation(ticket, num_cached)
+
+    def _report(self, load: EngineLoad | None = None) -> LoadReport:
+        return load_report(load or self.background.load)
 
     async def renew_leases(self, request_ids: list[str]) -> list[str]:
         """The prefill worker holding these tickets is alive; returns ids whose lease is gone."""
         return [rid for rid in request_ids if not self.leases.renew(rid)]
 
-    @property
-    def receiver_block_size(self) -> int:
-        return self.receiver.layout.block_size
-
-    async def start_decode(self, request_id: str, first_token: int,
+    async def start_decode(self, request_id: str, generation: int, first_token: int,
                            logprobs: dict[int, float] | None = None,
                            timeout_s: float | None = None) -> StepDelta | None:
         """Wait for the request's KV to land, then join the running batch with its first token.
 
-        Returns the request's delta when it finished right away (EOS or max_tokens 1),
-        None when it runs on; raises TransferError / TransferTimeout when the KV never came.
+        Returns the request's delta when it finished right away (EOS or max_tokens 1), None
+        when it runs on; raises TransferError / TransferTimeout when the KV never came, and
+        StaleGenerationError when the ticket came from an earlier incarnation of this worker.
         """
+        await self._ready()
+        if generation != self.generation:
+            raise StaleGenerationError(
+                f"request {request_id}: its ticket was issued by generation {generation} of "
+                f"{self.spec.worker_id}, which is now generation {self.generation}")
         try:
             await self._await_transfer(request_id, timeout_s)
         except Exception:
@@ -175,18 +275,15 @@ class DecodeWorker:
             delay = min(2 * delay, 0.01)
         self.receiver.wait(request_id, 0)
 
-    # --- colocated path -----------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Mixed role: prefill and decode here; tokens arrive through next_outputs."""
-        await self._call(lambda engine: engine.add_request(prompt_token_ids, params, request_id))
-
-    # --- both ---------------------------------------------------------------------------
+    # --- ending requests -----------------------------------------------------------------
     async def abort(self, request_id: str) -> None:
         """Free everything the request holds here; unknown ids are ignored.
 
         While its KV is still in flight the blocks stay held until the transfer settles
         (in the background), so no late write lands in a block another request now owns.
         """
+        await self._ready()
+        self.outboxes.forget(request_id)
         if request_id in self._in_transfer:
             self._in_transfer.discard(request_id)
             self._loop.create_task(self._abort_after_transfer(request_id))
@@ -206,51 +303,6 @@ class DecodeWorker:
             self.receiver.cancel(request_id, "aborted")
             self.receiver.release(request_id)
         await self._call(lambda engine: engine.abort_request(request_id))
-        with self._pending_lock:
-            self._pending.pop(request_id, None)
-
-    async def next_outputs(self, timeout_s: float = 1.0) -> list[StepDelta]:
-        """Long-poll: every request's new tokens since the last call, as one batch."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return []
-        with self._pending_lock:
-            batch, self._pending = list(self._pending.values()), {}
-            self._ready.clear()
-        return batch
-
-    async def stats(self) -> WorkerStats:
-        def collect(engine: LLMEngine) -> WorkerStats:
-            counters = self.receiver.snapshot() if self.receiver is not None else None
-            return WorkerStats(
-                role=self.role, num_blocks=engine.kv_manager.num_blocks,
-                num_free_blocks=engine.kv_manager.num_free_blocks,
-                num_requests=engine.scheduler.num_unfinished, steps=self.background.steps,
-                transfer_bytes=counters.bytes if counters else 0,
-                transfers=counters.transfers if counters else 0,
-                transfer_chunks=counters.chunks if counters else 0,
-                transfer_failures=counters.failures if counters else 0)
-        return await self._call(collect)
-
-    # --- internals ------------------------------------------------------------------------
-    async def _call(self, fn):
-        return await asyncio.wrap_future(self.background.call(fn))
-
-    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Engine thread: merge this step's outputs into the batch the router will fetch."""
-        with self._pending_lock:
-            for out in outputs:
-                delta = _to_delta(out)
-                earlier = self._pending.get(out.request_id)
-                if earlier is not None:
-                    delta = StepDelta(
-                        out.request_id, earlier.new_token_ids + delta.new_token_ids,
-                        delta.finish_reason,
-                        None if delta.logprobs is None else (earlier.logprobs or ()) + delta.logprobs,
-                        delta.num_cached_tokens)
-                self._pending[out.request_id] = delta
-        self._loop.call_soon_threadsafe(self._ready.set)
 
     def _on_lease_expired(self, lease_id: str) -> None:
         # The prefill peer stopped renewing: its KV will never arrive, free the blocks.
@@ -260,12 +312,53 @@ class DecodeWorker:
     async def _abort_expired(self, request_id: str) -> None:
         # The peer stopped renewing: it is dead or hung, so stop waiting for its transfer.
         self._in_transfer.discard(request_id)
+        self.outboxes.put(StepDelta(request_id, (), "abort", None, 0))  # ends the router's stream
         await self._abort_now(request_id)
-        with self._pending_lock:
-            self._pending[request_id] = StepDelta(request_id, (), "abort", None, 0)
-        self._ready.set()
 
-    async def _expire_leases_forever(self, period_s: float = 1.0) -> None:
+    async def _expire_forever(self, period_s: float = 1.0) -> None:
         while True:
             await asyncio.sleep(period_s)
             self.leases.expire_stale(time.monotonic())
+            for router_id, request_ids in self.outboxes.expire_routers().items():
+                logger.warning("router %s stopped polling; aborting its %d requests", router_id, len(request_ids))
+                for request_id in request_ids:
+                    await self.abort(request_id)
+
+    # --- tokens out ---------------------------------------------------------------------
+    async def next_outputs(self, router_id: str, timeout_s: float = 1.0) -> OutputBatch:
+        """Long-poll: every new token of this router's requests since its last call."""
+        await self._ready()
+        deltas = await self.outboxes.next_batch(router_id, timeout_s)
+        return OutputBatch(deltas, self._report(), self.generation)
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Engine thread: this step's outputs go to their routers' outboxes."""
+        for out in outputs:
+            self.outboxes.put(_to_delta(out))
+
+    # --- inspection -----------------------------------------------------------------------
+    async def stats(self) -> WorkerStats:
+        await self._ready()
+
+        def collect(engine: LLMEngine) -> WorkerStats:
+            counters = self.receiver.snapshot() if self.receiver is not None else None
+            prefix = engine.kv_manager.stats()
+            return WorkerStats(
+                role=self.role, num_blocks=engine.kv_manager.num_blocks,
+                num_free_blocks=engine.kv_manager.num_free_blocks,
+                num_requests=engine.scheduler.num_unfinished, steps=self.background.steps,
+                transfer_bytes=counters.bytes if counters else 0,
+                transfers=counters.transfers if counters else 0,
+                transfer_chunks=counters.chunks if counters else 0,
+                transfer_failures=counters.failures if counters else 0,
+                generation=self.generation, prefix_cache_queries=prefix.queries,
+                prefix_cache_hits=prefix.hits)
+        return await self._call(collect)
+
+    async def cached_block_hashes(self) -> set[int]:
+        """What this worker's prefix cache holds now: the KV block index should say the same."""
+        await self._ready()
+        return await self._call(lambda engine: engine.kv_manager.cached_block_hashes())
+
+    async def _call(self, fn):
+        return await asyncio.wrap_future(self.background.call(fn))

@@ -2,13 +2,15 @@
 
 Every change to the engine (add, abort, reserve, ...) runs on the engine thread between
 steps, through `call`; step outputs go to a callback. The thread sleeps when there is
-nothing to compute and wakes on the next call.
+nothing to compute and wakes on the next call. `load` is a snapshot of the engine's queues and
+pool, refreshed on the engine thread, that other threads may read at any time.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -16,9 +18,12 @@ from typing import Any, TypeVar
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import RequestStatus
+from engine.step_stats import EngineLoad
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+LOAD_REFRESH_S = 0.005  # while busy, the load snapshot is retaken at most this often
 
 
 class BackgroundEngine:
@@ -29,6 +34,8 @@ class BackgroundEngine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.steps = 0
+        self.load: EngineLoad = engine.load_snapshot()
+        self._load_taken_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -44,17 +51,18 @@ class BackgroundEngine:
         self._calls.put((fn, future))
         return future
 
-    def _drain_calls(self, block: bool) -> None:
+    def _drain_calls(self, block: bool) -> bool:
+        """Run every queued call (waiting for one when block); whether any ran."""
         try:
             fn, future = self._calls.get(block=block)
         except queue.Empty:
-            return
+            return False
         while True:
             self._run_call(fn, future)
             try:
                 fn, future = self._calls.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _run_call(self, fn: Callable[[LLMEngine], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -64,11 +72,20 @@ class BackgroundEngine:
         except BaseException as err:  # handed to the caller, never kills the loop
             future.set_exception(err)
 
+    def _refresh_load(self, force: bool) -> None:
+        now = time.monotonic()
+        if force or now - self._load_taken_at >= LOAD_REFRESH_S:
+            self.load = self.engine.load_snapshot()
+            self._load_taken_at = now
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             # A stalled engine waits for the next call (a transfer landing, an abort) instead of
             # spinning on steps that cannot schedule anything.
-            self._drain_calls(block=not self.engine.has_work() or self.engine.stalled)
+            idle = not self.engine.has_work() or self.engine.stalled
+            self._refresh_load(force=idle)
+            if self._drain_calls(block=idle):
+                self._refresh_load(force=True)  # admissions and aborts change the load at once
             if self._stopping.is_set():
                 break
             if not self.engine.has_work():

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import KVCacheManager
+from engine.kv_cache import KVCacheManager, KVEventLog
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import KVCacheShape, ModelRunner
 from engine.outputs import OutputState, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledRequest, Scheduler
+from engine.scheduler import AdmissionRefusal, ScheduledRequest, Scheduler
+from engine.step_stats import EngineLoad, StepCostModel
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class LLMEngine:
             self.kv_shape.num_blocks, self.kv_shape.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.step_cost = StepCostModel()
         self.detokenize = detokenize
         self.stalled = False  # the last step could schedule nothing (KV in flight holds blocks)
         self.output_states: dict[str, OutputState] = {}
@@ -88,6 +91,47 @@ class LLMEngine:
                                 arch.num_kv_heads, arch.head_dim, self.dtype)
         return KVCacheShape.for_budget(arch, cache.block_size, self.dtype,
                                        cache.kv_cache_memory_gb * 2**30)
+
+    def enable_kv_events(self) -> KVEventLog:
+        """Record every prefix-cache change from now on (for the cluster's KV block index)."""
+        if self.kv_manager.pool.events is None:
+            self.kv_manager.pool.events = KVEventLog()
+        return self.kv_manager.pool.events
+
+    def load_snapshot(self) -> EngineLoad:
+        """Queues, pool and fitted step cost, now. Call on the engine's own thread."""
+        scheduler = self.scheduler
+        queued = 0
+        for request in scheduler.requests.values():
+            if request.status is not RequestStatus.WAITING_FOR_KV and request.is_prefilling:
+                queued += request.num_tokens - request.num_computed_tokens
+        fit = self.step_cost.fit()
+        return EngineLoad(
+            num_running=len(scheduler.running) - scheduler.num_waiting_for_kv,
+            num_waiting=len(scheduler.waiting), num_waiting_for_kv=scheduler.num_waiting_for_kv,
+            num_unfinished=scheduler.num_unfinished, max_num_seqs=self.config.scheduler.max_num_seqs,
+            num_free_blocks=self.kv_manager.num_free_blocks, num_blocks=self.kv_manager.num_blocks,
+            queued_prefill_tokens=queued, step_base_s=fit.base_s,
+            prefill_s_per_token=fit.prefill_s_per_token, decode_s_per_seq=fit.decode_s_per_seq,
+            step_samples=fit.samples)
+
+    def calibrate(self, num_prompt_tokens: int = 128, num_decode_steps: int = 4) -> None:
+        """Seed the step-cost fit with a real prefill and a few decode steps of this machine
+        (and warm the kernels), then forget the request: the prefix cache and its stats are
+        reset, so a fresh engine stays fresh. Call before any request arrives."""
+        vocab = self.loaded.config.vocab_size
+        length = max(2, min(num_prompt_tokens, self.max_model_len - num_decode_steps - 1,
+                            self.config.scheduler.max_num_batched_tokens))
+        params = SamplingParams(max_tokens=num_decode_steps, temperature=0.0, ignore_eos=True)
+        for round_ in range(2):  # the first round warms up; only the second is observed
+            prompt = [(7919 * i + round_) % vocab for i in range(length)]
+            self.add_request(prompt, params, f"calibration-{round_}")
+            while self.has_unfinished_requests():
+                self.step()
+            if round_ == 0:
+                self.step_cost = StepCostModel()
+        self.kv_manager.reset_prefix_cache()
+        self.kv_manager.prefix_cache_queries = self.kv_manager.prefix_cache_hits = 0
 
     def kv_layout_fields(self) -> dict:
         """What a KV transfer handshake compares: the same on both sides or no transfer."""
@@ -116,19 +160,34 @@ class LLMEngine:
         self.output_states[request_id] = OutputState(request, self.tokenizer, self.detokenize)
         return request
 
+    def admit_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AdmissionRefusal | None:
+        """Like add_request, but refused (None returned otherwise) when the engine has no free
+        sequence slot or not enough free KV blocks for the prompt right now."""
+        request = Request(request_id, self.tokenize(prompt), params,
+                          eos_token_ids=self.tokenizer.eos_token_ids)
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.scheduler.check_fits(request.num_prompt_tokens, params.max_tokens)
+        refusal = self.scheduler.admit(request)
+        if refusal is None:
+            self.output_states[request_id] = OutputState(request, self.tokenizer, self.detokenize)
+        return refusal
+
     def reserve_for_transfer(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> tuple[int, list[int]] | None:
+    ) -> tuple[int, list[int]] | AdmissionRefusal:
         """Decode side: hold blocks for a prompt whose KV comes from a prefill worker.
 
-        Returns (cached prompt tokens, the request's block table), or None when the pool is
-        full right now.
+        Returns (cached prompt tokens, the request's block table), or the limit that keeps
+        the request out right now.
         """
         request = Request(request_id, self.tokenize(prompt_token_ids), params,
                           eos_token_ids=self.tokenizer.eos_token_ids)
         num_cached = self.scheduler.reserve_for_transfer(request)
-        if num_cached is None:
-            return None
+        if isinstance(num_cached, AdmissionRefusal):
+            return num_cached
         self.output_states[request_id] = OutputState(request, self.tokenizer, self.detokenize)
         return num_cached, self.kv_manager.get_block_ids(request_id)
 
@@ -170,11 +229,22 @@ class LLMEngine:
         if self.after_layer is not None:
             hook, items = self.after_layer, scheduled.scheduled
             after_layer = lambda layer: hook(layer, items)  # noqa: E731
+        began = time.perf_counter()
         result = self.runner.execute(scheduled.scheduled, tables, after_layer)
+        self._observe_step(scheduled.scheduled, time.perf_counter() - began)
         if self.after_forward is not None:
             self.after_forward(scheduled.scheduled)
         progressed = self.scheduler.update_from_output(scheduled, result.sampled)
         return [self._make_output(request) for request in progressed]
+
+    def _observe_step(self, scheduled: tuple[ScheduledRequest, ...], seconds: float) -> None:
+        prefill_tokens = decode_rows = 0
+        for item in scheduled:
+            if item.request.is_prefilling:
+                prefill_tokens += item.num_new_tokens
+            else:
+                decode_rows += 1
+        self.step_cost.observe(prefill_tokens, decode_rows, seconds)
 
     def _make_output(self, request: Request) -> RequestOutput:
         state = self.output_states[request.request_id]

@@ -13,7 +13,7 @@ Invariant: a request in `running` holds KV blocks for all its computed tokens; a
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager
@@ -40,6 +40,17 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass(frozen=True)
+class AdmissionRefusal:
+    """Why a worker cannot take a request right now (it may later): the limit that was hit."""
+
+    limit: str  # "sequence slots" | "KV blocks"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"no free {self.limit}: {self.detail}"
 
 
 @dataclass
@@ -84,23 +95,66 @@ class Scheduler:
                 f"{self.kv_manager.num_blocks}; lower max_tokens or raise the KV cache size"
             )
 
-    def reserve_for_transfer(self, request: Request) -> int | None:
+    def admit(self, request: Request) -> AdmissionRefusal | None:
+        """Add a request that this engine prefills itself, if it has room for it now.
+
+        Unlike add_request (which queues without limit), this refuses when every sequence slot
+        is taken (max_num_seqs counts every request held: running, queued, or waiting for KV)
+        or when the free blocks, less those promised to requests queued before it, cannot hold
+        its uncached prompt. Returns None when added.
+        """
+        refusal = self._slots_refusal()
+        if refusal is None:
+            computed = self.kv_manager.get_computed_blocks(request)
+            need = -(-(request.num_tokens - computed.num_computed_tokens) // self.kv_manager.block_size)
+            self.kv_manager.free(request)  # the lookup only: nothing is held until scheduled
+            free = self.kv_manager.num_free_blocks - self._blocks_promised()
+            if need > free:
+                refusal = AdmissionRefusal(
+                    "KV blocks", f"the prompt needs {need} blocks, {max(free, 0)} are free")
+        if refusal is None:
+            self.add_request(request)
+        return refusal
+
+    def _slots_refusal(self) -> AdmissionRefusal | None:
+        if len(self.requests) < self.config.max_num_seqs:
+            return None
+        return AdmissionRefusal("sequence slots", f"{len(self.requests)} of max_num_seqs "
+                                                  f"{self.config.max_num_seqs} requests are held")
+
+    def _blocks_promised(self) -> int:
+        """Blocks the queued requests will take for their prompts once scheduled."""
+        size = self.kv_manager.block_size
+        return sum(-(-(r.num_tokens - r.num_computed_tokens) // size) for r in self.waiting)
+
+    def reserve_for_transfer(self, request: Request) -> int | AdmissionRefusal:
         """Decode side of disaggregation: take KV blocks for the whole prompt now.
 
         Blocks already in the prefix cache are reused; the rest wait for KV from a prefill
-        worker. Returns the number of prompt tokens served from the cache, or None (nothing
-        held) when the pool cannot take the prompt right now.
+        worker. Returns the number of prompt tokens served from the cache, or, holding nothing,
+        the limit (sequence slots or KV blocks) that keeps it out right now.
         """
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.check_fits(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        refusal = self._slots_refusal()
+        if refusal is not None:
+            return refusal
         computed = self.kv_manager.get_computed_blocks(request)
         num_new = request.num_tokens - computed.num_computed_tokens
-        if (len(self.running) >= self.config.max_num_seqs
-                or not self.kv_manager.allocate_slots(request, num_new, computed)
-                or not self._leaves_headroom()):
+        free_before = self.kv_manager.num_free_blocks
+        refusal = None
+        if not self.kv_manager.allocate_slots(request, num_new, computed):
+            need = -(-num_new // self.kv_manager.block_size)
+            refusal = AdmissionRefusal("KV blocks", f"the prompt needs {need} blocks past its cached "
+                                                    f"prefix, {free_before} are free")
+        elif not self._leaves_headroom():
+            refusal = AdmissionRefusal(
+                "KV blocks", f"holding the prompt would leave {self.kv_manager.num_free_blocks} free "
+                             f"blocks for {len(self.running) - self.num_waiting_for_kv} decoding requests")
+        if refusal is not None:
             self.kv_manager.free(request)  # roll back, and drop the lookup's per-request state
-            return None
+            return refusal
         self.kv_manager.record_admission(request, computed)
         request.num_cached_tokens = computed.num_computed_tokens
         request.status = RequestStatus.WAITING_FOR_KV

@@ -5,12 +5,18 @@ differs (a process group, a shared mapping, a CUDA IPC mapping). Messages on one
 handled in order, so a "done" is seen only after every chunk sent before it has landed.
 
 Messages (sender -> receiver):
-    ("hello", sender_id, layout_dict, backend, device_type)
-    ("chunk", request_id, block_ids, layer, nbytes)    layer None means all layers
-    ("done", request_id, ok, reason)
+    ("hello", sender_id, sender_generation, layout_dict, backend, device_type)
+    ("chunk", request_id, ticket_generation, block_ids, layer, nbytes)    layer None means all layers
+    ("done", request_id, ticket_generation, ok, reason)
     ("bye",)
+Generations tell incarnations of a worker apart: a receiver refuses a hello from an older
+incarnation of a sender than one it knows, and drops chunks of a ticket that another incarnation
+of itself issued; the welcome names the receiver's generation, and a sender refuses to push a
+ticket of another one (shm and CUDA IPC write into the receiver's memory before the header), so
+a restarted worker is never confused with its dead predecessor.
 Replies (receiver -> sender), only to "hello":
     ("welcome", layout_dict, backend_info) or ("refused", layout_dict, reason)
+    backend_info always holds "generation", the receiver's.
 """
 from __future__ import annotations
 
@@ -24,6 +30,11 @@ from kv_transfer.errors import TransferError, TransferTimeout
 log = logging.getLogger(__name__)
 
 DEFAULT_AUTHKEY = b"pdserve-kv-transfer"
+
+
+def chunk_header(request_id: str, generation: int, block_ids: tuple[int, ...], layer: int | None,
+                 nbytes: int) -> tuple:
+    return ("chunk", request_id, generation, block_ids, layer, nbytes)
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:

@@ -11,8 +11,10 @@ import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
 from kv_transfer.blocks import chunk_nbytes, scatter_blocks
+from kv_transfer.control import chunk_header
 from kv_transfer.receiver import KVReceiver, PeerLink
 from kv_transfer.sender import KVSender, ReceiverLink
+from kv_transfer.ticket import TransferTicket
 
 
 class CudaIpcReceiver(KVReceiver):
@@ -45,12 +47,14 @@ class CudaIpcSender(KVSender):
         link.backend_state = backend_info["rebuild"](*backend_info["args"])
 
     def _push(
-        self, link: ReceiverLink, request_id: str, block_ids: tuple[int, ...], blocks: torch.Tensor, layer: int | None
+        self, link: ReceiverLink, ticket: TransferTicket, block_ids: tuple[int, ...], blocks: torch.Tensor,
+        layer: int | None,
     ) -> None:
         remote_cache: torch.Tensor = link.backend_state
         scatter_blocks(remote_cache, block_ids, blocks, layer)
         torch.cuda.current_stream(remote_cache.device).synchronize()
-        link.conn.send(("chunk", request_id, block_ids, layer, chunk_nbytes(self.layout, len(block_ids), layer)))
+        nbytes = chunk_nbytes(self.layout, len(block_ids), layer)
+        link.conn.send(chunk_header(ticket.request_id, ticket.generation, block_ids, layer, nbytes))
 
     def _close_link(self, link: ReceiverLink) -> None:
         link.backend_state = None

@@ -10,7 +10,7 @@ import abc
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar
@@ -33,6 +33,7 @@ class PeerLink:
 
     index: int  # order of arrival at this receiver, unique per receiver
     sender_id: str
+    generation: int  # the sender's incarnation
     conn: Connection
     device_type: str
     backend_state: Any = None
@@ -67,6 +68,12 @@ class KVReceiver(abc.ABC):
         self._listener = ControlListener(host, port, authkey, self._serve_peer)
         self._peer_index = itertools.count()
         self._closed = False
+        # This receiver's incarnation, stamped on its tickets (its worker's generation).
+        self.generation = 0
+        # Optional check of a connecting sender, (sender_id, generation) -> reason to refuse or
+        # None; the worker asks the cluster registry whether that incarnation is still current.
+        self.peer_check: Callable[[str, int], str | None] | None = None
+        self._newest_generation: dict[str, int] = {}  # sender id -> newest incarnation seen
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -92,7 +99,8 @@ class KVReceiver(abc.ABC):
         self, request_id: str, block_ids: Sequence[int], num_tokens: int, lease_id: str, first_token: int = 0
     ) -> TransferTicket:
         """Register reserved blocks for a request and return the ticket to hand to the sender."""
-        ticket = TransferTicket(request_id, self.endpoint, tuple(block_ids), num_tokens, lease_id, first_token)
+        ticket = TransferTicket(request_id, self.endpoint, tuple(block_ids), num_tokens, lease_id, first_token,
+                                self.generation)
         bad = [b for b in ticket.block_ids if b >= self.num_blocks]
         if bad:
             raise ValueError(f"blocks {bad} out of range for a cache of {self.num_blocks} blocks")
@@ -181,9 +189,10 @@ class KVReceiver(abc.ABC):
             conn.close()
 
     def _handshake(self, conn: Connection) -> PeerLink | None:
-        kind, sender_id, layout_fields, backend, device_type = conn.recv()
+        kind, sender_id, generation, layout_fields, backend, device_type = conn.recv()
         assert kind == "hello", f"expected hello, got {kind}"
-        problems = layout_differences(KVLayout.from_dict(layout_fields), self.layout)
+        problems = self._generation_problems(sender_id, generation)
+        problems += layout_differences(KVLayout.from_dict(layout_fields), self.layout)
         if backend != self.backend:
             problems.append(f"backend differs: sender {backend}, receiver {self.backend}")
         if device_type != self._kv_cache.device.type and self._needs_same_device():
@@ -193,10 +202,19 @@ class KVReceiver(abc.ABC):
             conn.send(("refused", self.layout.to_dict(), "; ".join(problems)))
             log.warning("kv_transfer: refused sender %s: %s", sender_id, "; ".join(problems))
             return None
-        peer = PeerLink(next(self._peer_index), sender_id, conn, device_type)
-        conn.send(("welcome", self.layout.to_dict(), self._welcome(peer)))
+        self._newest_generation[sender_id] = max(generation, self._newest_generation.get(sender_id, 0))
+        peer = PeerLink(next(self._peer_index), sender_id, generation, conn, device_type)
+        conn.send(("welcome", self.layout.to_dict(), {**self._welcome(peer), "generation": self.generation}))
         self._after_welcome(peer)
         return peer
+
+    def _generation_problems(self, sender_id: str, generation: int) -> list[str]:
+        newest = self._newest_generation.get(sender_id, 0)
+        if generation < newest:
+            return [f"stale sender: {sender_id} generation {generation} connected, generation {newest} "
+                    "is known"]
+        reason = self.peer_check(sender_id, generation) if self.peer_check is not None else None
+        return [reason] if reason else []
 
     def _needs_same_device(self) -> bool:
         """Whether sender tensors must be on the receiver's device type (true for process groups)."""
@@ -206,15 +224,32 @@ class KVReceiver(abc.ABC):
         while True:
             msg = peer.conn.recv()
             if msg[0] == "chunk":
-                self._on_chunk(peer, msg[1], tuple(msg[2]), msg[3], msg[4])
+                _, request_id, generation, block_ids, layer, nbytes = msg
+                self._on_chunk(peer, request_id, generation, tuple(block_ids), layer, nbytes)
             elif msg[0] == "done":
-                self._on_done(msg[1], msg[2], msg[3])
+                _, request_id, generation, ok, reason = msg
+                self._on_done(peer, request_id, generation, ok, reason)
             elif msg[0] == "bye":
                 return "sender closed the connection"
             else:
                 raise ValueError(f"unknown control message {msg[0]!r}")
 
-    def _on_chunk(self, peer: PeerLink, request_id: str, block_ids: tuple[int, ...], layer: int | None, nbytes: int) -> None:
+    def _stale(self, peer: PeerLink, generation: int) -> str | None:
+        """Why a message from this peer for a ticket of `generation` must be refused, if it must."""
+        if generation != self.generation:
+            return f"stale ticket: issued by generation {generation} of this worker, this is {self.generation}"
+        if peer.generation < self._newest_generation.get(peer.sender_id, 0):
+            return f"stale sender: {peer.sender_id} generation {peer.generation} was replaced"
+        return None
+
+    def _on_chunk(self, peer: PeerLink, request_id: str, generation: int, block_ids: tuple[int, ...],
+                  layer: int | None, nbytes: int) -> None:
+        stale = self._stale(peer, generation)
+        if stale is not None:
+            self._land_chunk(peer, block_ids, layer, keep=False)  # consume the payload, write nothing
+            self.counters.add_failure()
+            log.warning("kv_transfer: refused a chunk for %s: %s", request_id, stale)
+            return
         problem = self._tracker.check_chunk(request_id, block_ids)
         if nbytes != chunk_nbytes(self.layout, len(block_ids), layer):
             problem = problem or f"chunk of {nbytes} bytes does not match {len(block_ids)} blocks"
@@ -227,7 +262,12 @@ class KVReceiver(abc.ABC):
         self.counters.add_chunk(nbytes, time.perf_counter() - start)
         self._tracker.record_chunk(request_id, peer.name, block_ids, layer)
 
-    def _on_done(self, request_id: str, ok: bool, reason: str) -> None:
+    def _on_done(self, peer: PeerLink, request_id: str, generation: int, ok: bool, reason: str) -> None:
+        stale = self._stale(peer, generation)
+        if stale is not None:
+            self.counters.add_failure()
+            log.warning("kv_transfer: refused the end of %s: %s", request_id, stale)
+            return
         state = self._tracker.finish(request_id, ok, reason or "sender reported failure")
         if state is TransferState.DONE:
             self.counters.add_transfer()

@@ -31,6 +31,7 @@ class ReceiverLink:
 
     endpoint: str
     conn: Connection
+    generation: int = 0  # the receiver's incarnation, from its welcome
     backend_state: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -43,12 +44,16 @@ class KVSender(abc.ABC):
         layout: KVLayout,
         *,
         sender_id: str | None = None,
+        generation: int = 0,
         device: str | torch.device = "cpu",
         authkey: bytes = DEFAULT_AUTHKEY,
         timeout_s: float = 30.0,
     ) -> None:
         self.layout = layout
         self.sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
+        # This sender's incarnation (its worker's generation, once registered); receivers refuse
+        # a hello from an older one than they know. Set it before connecting.
+        self.generation = generation
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.counters = TransferCounters(self.backend)
@@ -78,19 +83,24 @@ class KVSender(abc.ABC):
             raise ValueError(f"blocks [{start}, {start + num_blocks}) exceed the ticket's {len(ticket.block_ids)}")
         check_chunk(self.layout, blocks, num_blocks, layer)
         link = self._link(ticket.endpoint)
+        if link.generation != ticket.generation:
+            # shm and CUDA IPC write into the receiver's memory before it sees a header, so a
+            # ticket from another incarnation of the receiver must not be pushed at all.
+            raise TransferError(f"stale ticket for {ticket.request_id}: issued by generation "
+                                f"{ticket.generation} of {ticket.endpoint}, which is now generation {link.generation}")
         began = time.perf_counter()
         with link.lock:
-            self._guarded(link, self._push, link, ticket.request_id, block_ids, blocks, layer)
+            self._guarded(link, self._push, link, ticket, block_ids, blocks, layer)
         self.counters.add_chunk(blocks.numel() * blocks.element_size(), time.perf_counter() - began)
 
     def send_done(self, ticket: TransferTicket) -> None:
         """Tell the receiver every chunk of the request was sent; it marks DONE once all landed."""
-        self._send_control(ticket, ("done", ticket.request_id, True, ""))
+        self._send_control(ticket, ("done", ticket.request_id, ticket.generation, True, ""))
         self.counters.add_transfer()
 
     def send_failed(self, ticket: TransferTicket, reason: str) -> None:
         """Tell the receiver the request's KV will not arrive (e.g. prefill aborted)."""
-        self._send_control(ticket, ("done", ticket.request_id, False, reason))
+        self._send_control(ticket, ("done", ticket.request_id, ticket.generation, False, reason))
         self.counters.add_failure()
 
     def snapshot(self) -> CountersSnapshot:
@@ -116,9 +126,11 @@ class KVSender(abc.ABC):
 
     @abc.abstractmethod
     def _push(
-        self, link: ReceiverLink, request_id: str, block_ids: tuple[int, ...], blocks: torch.Tensor, layer: int | None
+        self, link: ReceiverLink, ticket: TransferTicket, block_ids: tuple[int, ...], blocks: torch.Tensor,
+        layer: int | None,
     ) -> None:
-        """Move one chunk and send its ("chunk", ...) header on link.conn, in the order the backend needs."""
+        """Move one chunk and send its header (control.chunk_header) on link.conn, in the order
+        the backend needs."""
 
     def _close_link(self, link: ReceiverLink) -> None:
         """Release what the backend holds for a receiver."""
@@ -136,12 +148,13 @@ class KVSender(abc.ABC):
     def _handshake(self, endpoint: str) -> ReceiverLink:
         conn = open_control(endpoint, self._authkey)
         try:
-            conn.send(("hello", self.sender_id, self.layout.to_dict(), self.backend, self.device.type))
+            conn.send(("hello", self.sender_id, self.generation, self.layout.to_dict(), self.backend,
+                       self.device.type))
             kind, layout_fields, detail = recv_reply(conn, self.timeout_s, "handshake reply")
             if kind == "refused":
                 check_layouts(self.layout, KVLayout.from_dict(layout_fields))  # names the fields
                 raise TransferError(f"receiver {endpoint} refused: {detail}")
-            link = ReceiverLink(endpoint, conn)
+            link = ReceiverLink(endpoint, conn, int(detail.get("generation", 0)))
             self._open_link(link, detail)
             return link
         except BaseException:

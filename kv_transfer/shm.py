@@ -12,9 +12,11 @@ from typing import Any
 import torch
 
 from kv_transfer.blocks import chunk_nbytes, scatter_blocks
+from kv_transfer.control import chunk_header
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiver, PeerLink
 from kv_transfer.sender import KVSender, ReceiverLink
+from kv_transfer.ticket import TransferTicket
 
 SHM_DIR = "/dev/shm"
 
@@ -70,7 +72,8 @@ class ShmSender(KVSender):
         link.backend_state = remote_cache
 
     def _push(
-        self, link: ReceiverLink, request_id: str, block_ids: tuple[int, ...], blocks: torch.Tensor, layer: int | None
+        self, link: ReceiverLink, ticket: TransferTicket, block_ids: tuple[int, ...], blocks: torch.Tensor,
+        layer: int | None,
     ) -> None:
         remote_cache: torch.Tensor = link.backend_state
         bad = [b for b in block_ids if b >= remote_cache.shape[0]]
@@ -78,7 +81,7 @@ class ShmSender(KVSender):
             raise ValueError(f"blocks {bad} out of range for the receiver's {remote_cache.shape[0]} blocks")
         scatter_blocks(remote_cache, block_ids, blocks, layer)
         nbytes = chunk_nbytes(self.layout, len(block_ids), layer)
-        link.conn.send(("chunk", request_id, block_ids, layer, nbytes))
+        link.conn.send(chunk_header(ticket.request_id, ticket.generation, block_ids, layer, nbytes))
 
     def _close_link(self, link: ReceiverLink) -> None:
         link.backend_state = None  # drops the mapping once no view of it is alive

@@ -37,6 +37,7 @@ class TransferTicket:
     num_tokens: int  # prompt tokens whose KV will arrive
     lease_id: str
     first_token: int = 0
+    generation: int = 0  # the issuing receiver's incarnation; another incarnation refuses it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_ids", tuple(int(b) for b in self.block_ids))

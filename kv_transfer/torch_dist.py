@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from kv_transfer.blocks import chunk_nbytes, chunk_shape, scatter_blocks
-from kv_transfer.control import split_endpoint
+from kv_transfer.control import chunk_header, split_endpoint
 from kv_transfer.receiver import KVReceiver, PeerLink
 from kv_transfer.sender import KVSender, ReceiverLink
+from kv_transfer.ticket import TransferTicket
 
 RECEIVER_RANK, SENDER_RANK, PAIR_SIZE = 0, 1, 2
 PAYLOAD_TAG = 0
@@ -116,11 +117,12 @@ class TorchDistSender(KVSender):
         link.backend_state = _PairChannel(group)
 
     def _push(
-        self, link: ReceiverLink, request_id: str, block_ids: tuple[int, ...], blocks: torch.Tensor, layer: int | None
+        self, link: ReceiverLink, ticket: TransferTicket, block_ids: tuple[int, ...], blocks: torch.Tensor,
+        layer: int | None,
     ) -> None:
         channel: _PairChannel = link.backend_state
         payload = blocks.to(self.device).contiguous().view(torch.uint8).reshape(-1)  # (nbytes,)
-        link.conn.send(("chunk", request_id, block_ids, layer, payload.numel()))
+        link.conn.send(chunk_header(ticket.request_id, ticket.generation, block_ids, layer, payload.numel()))
         _wait(channel.group.send([payload], RECEIVER_RANK, PAYLOAD_TAG), self.device, self.timeout_s)
 
     def _close_link(self, link: ReceiverLink) -> None:

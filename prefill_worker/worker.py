@@ -4,13 +4,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from cluster_state.agent import WorkerAgent
+from cluster_state.presence import registry_record, start_agent
+from cluster_state.worker_spec import WorkerSpec
 from engine.background import BackgroundEngine
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -33,16 +36,17 @@ class PrefillAborted(RuntimeError):
 
 
 class PrefillWorker:
-    def __init__(self, engine_config: EngineConfig, transfer_backend: str = "shm",
-                 torch_threads: int | None = None, lease_renew_s: float = 5.0,
-                 push_granularity: str = "auto") -> None:
-        self.engine_config = engine_config
-        self.transfer_backend = transfer_backend
-        self.push_granularity = push_granularity  # auto | chunk | layer (see prefill_worker.pusher)
-        self.torch_threads = torch_threads
+    """Starts itself from its spec (Ray re-runs the constructor on a restart), registers in the
+    cluster registry, and keeps a KV link open to every decode worker the registry lists."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        if spec.role != "prefill":
+            raise ValueError(f"a prefill worker's role is 'prefill', got {spec.role!r}")
+        self.spec = spec
+        self.engine_config = spec.engine
         # Every request queued or computing here keeps its decode-side lease alive; a dead or
         # hung prefill worker stops renewing and the decode worker frees the blocks.
-        self.lease_renew_s = lease_renew_s
+        self.lease_renew_s = spec.lease_ttl_s / 3
         self._lease_holders: dict[str, object] = {}  # request id -> decode worker actor
         # Ray does not order calls to an async actor: an abort can overtake its prefill.
         # Remember recent aborts so a late prefill is refused instead of run.
@@ -50,36 +54,91 @@ class PrefillWorker:
         self.background: BackgroundEngine | None = None
         self.sender = None
         self.pusher: KVPusher | None = None
+        self.agent: WorkerAgent | None = None
+        self.generation = 0
         self._waiting: dict[str, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._connected: dict[str, int] = {}  # receiver endpoint -> its generation, linked
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._start_task: asyncio.Task | None = None
+        try:  # Ray runs an async actor's constructor on its event loop: start right away
+            self._start_task = asyncio.get_running_loop().create_task(self._start())
+        except RuntimeError:
+            pass
 
     async def start(self) -> dict:
-        """Load the model and start the engine loop; returns the KV layout for the handshake."""
+        """Wait until the worker serves; returns the KV layout for the handshake, and more."""
+        if self._start_task is None:
+            self._start_task = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._start_task)
+        engine = self.background.engine
+        return {"layout": engine.kv_layout_fields(), "max_model_len": engine.max_model_len,
+                "push_granularity": self.pusher.granularity, "generation": self.generation,
+                "worker_id": self.spec.worker_id, "pid": os.getpid()}
+
+    async def _start(self) -> None:
+        spec = self.spec
         self._loop = asyncio.get_running_loop()
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
         engine = await asyncio.to_thread(LLMEngine, self.engine_config, None, False)
+        if spec.calibrate:
+            await asyncio.to_thread(engine.calibrate)
         layout = KVLayout(**engine.kv_layout_fields())
-        self.sender = create_sender(self.transfer_backend, layout)
+        self.sender = create_sender(spec.transfer_backend, layout, sender_id=spec.worker_id)
         self.pusher = KVPusher(self.sender, engine.runner.kv_cache, layout.block_size,
-                               engine.kv_manager.get_block_ids, self.push_granularity)
+                               engine.kv_manager.get_block_ids, spec.kv_push)
         engine.after_forward = self.pusher.after_forward
         if self.pusher.granularity == "layer":
             engine.after_layer = self.pusher.after_layer
         self.background = BackgroundEngine(engine, self._on_outputs)
         self.background.start()
-        self._loop.create_task(self._renew_leases_forever())
-        return {"layout": engine.kv_layout_fields(), "max_model_len": engine.max_model_len,
-                "push_granularity": self.pusher.granularity}
+        if spec.redis_url:
+            self.agent = await start_agent(spec, self.background, registry_record(spec, engine, None),
+                                           self._transfer_rate)
+            self.generation = self.sender.generation = self.agent.generation
+            self._tasks.append(self._loop.create_task(self.agent.run()))
+            self._tasks.append(self._loop.create_task(self._connect_peers_forever()))
+        self._tasks.append(self._loop.create_task(self._renew_leases_forever()))
+
+    async def _ready(self) -> None:
+        if self.background is None:
+            await self.start()
+
+    def _transfer_rate(self) -> dict:
+        counters = self.sender.snapshot()
+        rate = counters.bytes / counters.seconds if counters.seconds > 0 else 0.0
+        return {"transfer_bytes_per_s": rate}
 
     async def connect(self, endpoints: list[str]) -> None:
-        """Handshake with every decode worker's receiver now, not on a request's critical path.
+        """Handshake with these decode workers' receivers now, not on a request's critical path.
 
         Raises KVLayoutMismatch naming the differing fields when a decode worker's cache
         layout is not this worker's.
         """
+        await self._ready()
         for endpoint in endpoints:
             await asyncio.to_thread(self.sender.connect, endpoint)
+
+    async def _connect_peers_forever(self, period_s: float = 1.0) -> None:
+        """Link to every decode worker in the registry, a restarted one included, ahead of its
+        first request."""
+        while True:
+            for peer in list(self.agent.peers.values()):
+                record = peer.record
+                if record.role != "decode" or not record.endpoint:
+                    continue
+                if self._connected.get(record.endpoint) == record.generation:
+                    continue
+                try:
+                    await asyncio.to_thread(self.sender.connect, record.endpoint)
+                    self._connected[record.endpoint] = record.generation
+                except Exception as err:  # logged; the request path reconnects on demand
+                    logger.warning("cannot link to %s at %s: %s", record.worker_id, record.endpoint, err)
+            await asyncio.sleep(period_s)
+
+    async def pid(self) -> int:
+        return os.getpid()
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       ticket: TransferTicket, decode_worker=None) -> PrefillResult:
@@ -88,6 +147,7 @@ class PrefillWorker:
         decode_worker, the actor that issued the ticket, has its lease on the reserved blocks
         renewed while the request is here.
         """
+        await self._ready()
         if request_id in self._aborted:
             await asyncio.to_thread(self.sender.send_failed, ticket, "aborted before prefill")
             raise PrefillAborted(f"request {request_id} was aborted before its prefill started")
@@ -106,8 +166,9 @@ class PrefillWorker:
         except Exception as err:
             self._waiting.pop(request_id, None)
             self._lease_holders.pop(request_id, None)
+            reason = f"refused: {err}"
             await asyncio.wrap_future(self.background.call(
-                lambda engine: self.pusher.abandon(request_id, f"refused: {err}")))
+                lambda engine: self.pusher.abandon(request_id, reason)))
             raise
         return await future
 
@@ -129,6 +190,7 @@ class PrefillWorker:
             await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
+        await self._ready()
         self._aborted[request_id] = None
         while len(self._aborted) > 10_000:
             self._aborted.popitem(last=False)
@@ -141,18 +203,32 @@ class PrefillWorker:
         if future is not None and not future.done():
             future.set_exception(PrefillAborted(f"request {request_id} was aborted during prefill"))
 
+    async def cached_block_hashes(self) -> set[int]:
+        """What this worker's prefix cache holds now: the KV block index should say the same."""
+        await self._ready()
+        return await asyncio.wrap_future(self.background.call(
+            lambda engine: engine.kv_manager.cached_block_hashes()))
+
     async def stats(self) -> dict:
+        await self._ready()
+
         def collect(engine: LLMEngine) -> dict:
             counters = self.sender.snapshot()
             return {"num_blocks": engine.kv_manager.num_blocks,
                     "num_free_blocks": engine.kv_manager.num_free_blocks,
                     "num_requests": engine.scheduler.num_unfinished,
                     "prefix_cache_hits": engine.kv_manager.stats().hits,
+                    "prefix_cache_queries": engine.kv_manager.stats().queries,
+                    "generation": self.generation,
                     "transfer_bytes": counters.bytes, "transfers": counters.transfers,
                     "transfer_failures": counters.failures}
         return await asyncio.wrap_future(self.background.call(collect))
 
     async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.agent is not None:
+            await self.agent.close()
         if self.background is not None:
             self.background.stop()
         if self.pusher is not None:

@@ -45,19 +45,25 @@ class BackendError(Exception):
     """The cluster cannot serve the request (no worker, a worker refused or died)."""
 
 
+class RequestTooLargeError(ValueError):
+    """The request can never run here (e.g. it needs more KV than a worker's whole cache)."""
+
+
 @runtime_checkable
 class GenerationBackend(Protocol):
     """The cluster as the front door sees it.
 
-    generate() may raise QueueFullError either when called or from the first iteration step.
-    After the iterator yields a delta with finish_reason set it ends. abort() must be safe to
-    call for a request that already finished or was never admitted (it is then a no-op).
+    generate() may raise QueueFullError or RequestTooLargeError either when called or from the
+    first iteration step. A request may wait (queued) before its first delta; `priority` orders
+    the wait, lower first. After the iterator yields a delta with finish_reason set it ends.
+    abort() must be safe to call for a request that already finished or was never admitted (it
+    is then a no-op).
     """
 
     max_model_len: int
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[TokenDelta]: ...
 
     async def abort(self, request_id: str) -> None: ...

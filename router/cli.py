@@ -103,9 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from engine.config import EngineConfig
+    from router.cluster_backend import RoutingConfig
     from router.pools import PoolConfig
     from router.serve import ServeConfig, serve
 
+    configure_logging()
     try:
         engine = EngineConfig.from_options(
             args.model, max_num_seqs=args.max_num_seqs,
@@ -116,13 +118,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              num_decode_workers=args.decode_workers,
                              transfer_backend=args.kv_transfer_backend,
                              lease_ttl_s=args.lease_ttl, torch_threads=args.torch_threads,
-                             kv_push=args.kv_push),
+                             kv_push=args.kv_push, registry_ttl_s=args.registry_ttl,
+                             router_lease_s=args.router_lease),
+            routing=RoutingConfig(policy=args.routing_policy, disaggregation=args.disaggregation,
+                                  max_queued_requests=args.max_queued_requests),
             host=args.host, grpc_port=args.grpc_port, ray_address=args.ray_address,
-            max_in_flight=args.max_in_flight)
+            redis_url=args.redis_url, cluster_name=args.cluster_name, join=args.join)
     except (TypeError, ValueError) as err:
         print(f"pdserve serve: {err}", file=sys.stderr)
         return 2
     return asyncio.run(serve(config))
+
+
+def configure_logging() -> None:
+    """pdserve's own log lines (workers coming and going, Redis trouble, pools created or
+    attached) on stderr; other libraries keep their own settings."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[pdserve] %(levelname)s %(name)s: %(message)s"))
+    for name in ("router", "cluster_state"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from router.down import take_down_cluster
+
+    return asyncio.run(take_down_cluster(args.ray_address, args.redis_url, args.cluster_name))
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -134,8 +161,10 @@ def cmd_client(args: argparse.Namespace) -> int:
 def add_serve_parser(sub) -> None:
     serve = sub.add_parser(
         "serve", help="start the cluster: Ray, prefill and decode pools, gRPC server",
-        description="Start a pdserve cluster: a local Ray instance (or join one), the prefill and "
-                    "decode worker pools, and the gRPC server. Ctrl-C stops it gracefully.")
+        description="Start a pdserve router: a local Ray instance (or join one), a private Redis "
+                    "(or use one), the prefill and decode worker pools (or attach to those an "
+                    "earlier router of the same cluster created), and the gRPC server. Ctrl-C "
+                    "stops it gracefully; the last router of a cluster takes its pools down.")
     g = serve.add_argument_group("cluster")
     g.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
                    help="disaggregated: separate prefill and decode pools with KV transfer; "
@@ -154,21 +183,59 @@ def add_serve_parser(sub) -> None:
                         "waits for the compute queued before it on the GPU's default stream)")
     g.add_argument("--lease-ttl", type=float, default=30.0,
                    help="seconds a decode worker holds blocks for KV that does not arrive (default 30)")
+    g.add_argument("--router-lease", type=float, default=10.0,
+                   help="seconds workers wait for a router that stopped polling them (it died) "
+                        "before aborting its requests and freeing their KV blocks (default 10)")
+    g.add_argument("--registry-ttl", type=float, default=3.0,
+                   help="seconds a worker stays in the registry after its last heartbeat; a dead "
+                        "worker leaves routing within this (at most 5, default 3)")
     g.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads per worker (default: this host's cores split between workers)")
     g.add_argument("--ray-address", default=None,
-                   help="join a running Ray cluster (e.g. one started by `ray up`) instead of "
-                        "starting a local one")
+                   help="join a running Ray cluster: 'auto' (the one `ray start` left on this "
+                        "machine) or host:port (e.g. one started by `ray up`); default: start a "
+                        "private local instance")
     g.add_argument("--host", default="0.0.0.0", help="gRPC listen address (default 0.0.0.0)")
     g.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
-    g.add_argument("--max-in-flight", type=int, default=256,
-                   help="requests admitted at once; more get RESOURCE_EXHAUSTED (default 256)")
     g.add_argument("--max-num-seqs", type=int, default=64,
-                   help="requests in one worker's running batch (default 64)")
+                   help="sequence slots of one worker: requests it holds at once, running or "
+                        "waiting for KV (default 64); more wait in the router's admission queue")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens computed per engine step, prefill chunks included (default 512)")
+    add_cluster_state_flags(serve)
+    r = serve.add_argument_group("admission and routing")
+    r.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests that may wait for a decode worker (a free sequence slot and KV "
+                        "blocks); past this they get RESOURCE_EXHAUSTED (default 1024)")
+    r.add_argument("--routing-policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"],
+                   help="how workers are picked: kv_aware (least predicted work: uncached prompt "
+                        "tokens per the KV block index plus queued work, with a load guard), "
+                        "least_loaded (fewest requests) or round_robin (default kv_aware)")
+    r.add_argument("--disaggregation", default="auto", choices=["auto", "always", "never"],
+                   help="where a request's prompt is prefilled in disaggregated mode: auto (on the "
+                        "decode worker or on a prefill worker, whichever the predicted time to "
+                        "first token favours), always (a prefill worker), never (the decode "
+                        "worker) (default auto)")
+    r.add_argument("--join", action="store_true",
+                   help="attach to the worker pools an earlier router of this cluster created, "
+                        "and fail if there are none (without it a router attaches when pools "
+                        "exist and creates them otherwise)")
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def add_cluster_state_flags(parser: argparse.ArgumentParser) -> None:
+    import os
+
+    g = parser.add_argument_group("cluster state")
+    g.add_argument("--redis-url", default=os.environ.get("PDSERVE_REDIS_URL"),
+                   help="Redis holding the cluster's shared state: redis://[:password@]host:port/db, "
+                        "rediss://... (TLS) or unix:///path (default: $PDSERVE_REDIS_URL, else a "
+                        "private redis-server started and stopped with this router); a password "
+                        "can also come from $PDSERVE_REDIS_PASSWORD")
+    g.add_argument("--cluster-name", default="pdserve",
+                   help="name of the cluster: every Redis key and worker actor name is under it, "
+                        "so clusters can share one Redis and one Ray (default pdserve)")
 
 
 def add_client_parser(sub) -> None:
@@ -179,6 +246,19 @@ def add_client_parser(sub) -> None:
                                         "the reply to stdout.")
     add_client_arguments(client)
     client.set_defaults(func=cmd_client)
+
+
+def add_down_parser(sub) -> None:
+    down = sub.add_parser(
+        "down", help="stop a cluster's worker pools and remove its state from Redis",
+        description="Stop the worker actors of a cluster (as the last router does when it stops) "
+                    "and delete the cluster's keys from Redis. For pools left behind by routers "
+                    "that were killed.")
+    down.add_argument("--ray-address", default="auto",
+                      help="the Ray cluster the pools run on (default auto: the one `ray start` "
+                           "left on this machine)")
+    add_cluster_state_flags(down)
+    down.set_defaults(func=cmd_down)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_serve_parser(sub)
     add_client_parser(sub)
+    add_down_parser(sub)
     return parser
 
 

@@ -45,6 +45,7 @@ class GenerateInput:
     model: str  # "" = the default model
     params: SamplingParams
     max_tokens_explicit: bool  # False: the server may lower max_tokens to fit the context
+    priority: int = 0  # admission order while queued: lower first
     prompt: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
     token_ids: tuple[int, ...] | None = None
@@ -79,6 +80,7 @@ def from_proto(request: pb.GenerateRequest) -> GenerateInput:
         model=request.model,
         params=params,
         max_tokens_explicit=request.sampling_params.HasField("max_tokens"),
+        priority=request.priority,
     )
     kind = request.WhichOneof("input")
     if kind == "prompt":

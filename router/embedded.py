@@ -34,9 +34,7 @@ class EmbeddedCluster:
         self._done: Future | None = None
 
     def __enter__(self) -> "EmbeddedCluster":
-        pools = self.config.pools
-        init_ray(self.config.ray_address,
-                 pools.num_decode_workers + pools.num_prefill_workers)
+        init_ray(self.config.ray_address, self.config.pools.num_workers)
         self.thread.start()
         ready: Future = Future()
         self._done = asyncio.run_coroutine_threadsafe(self._serve(ready), self.loop)
@@ -45,9 +43,26 @@ class EmbeddedCluster:
 
     def __exit__(self, *exc) -> None:
         self.loop.call_soon_threadsafe(self._stop.set)
-        self._done.result(timeout=120)
+        try:
+            self._done.result(timeout=120)
+        except TimeoutError:
+            self._dump_stuck_tasks()
+            raise
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+    def _dump_stuck_tasks(self) -> None:
+        """What the server's loop is still waiting on, when stopping it took too long."""
+        import faulthandler
+        import sys
+
+        def dump() -> None:
+            for task in asyncio.all_tasks(self.loop):
+                print(f"--- {task!r}", file=sys.stderr)
+                task.print_stack(file=sys.stderr)
+        self.loop.call_soon_threadsafe(dump)
+        time.sleep(1.0)
+        faulthandler.dump_traceback(file=sys.stderr)
 
     async def _serve(self, ready: Future) -> None:
         self._stop = asyncio.Event()
@@ -65,9 +80,12 @@ class EmbeddedCluster:
                 ready.set_exception(err)
             raise
 
-    def run(self, coro, timeout: float = 120):
-        """Run a coroutine on the server's loop (e.g. backend.pools.stats())."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    def run(self, awaitable, timeout: float = 120):
+        """Await something on the server's loop: a coroutine (backend.pools.stats()) or a Ray
+        call (handle.actor.stats.remote())."""
+        async def wait():
+            return await awaitable
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result(timeout)
 
     def stub(self) -> pb_grpc.GenerationStub:
         return pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))

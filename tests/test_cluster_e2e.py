@@ -12,6 +12,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from protos.pdserve.v1 import generation_pb2 as pb
+from router.cluster_backend import RoutingConfig
 from router.pools import PoolConfig
 from router.serve import ServeConfig, load_tokenizer
 from router.embedded import EmbeddedCluster, workers_idle
@@ -54,8 +55,10 @@ def workload(demo_gguf_path):
 
 @pytest.fixture(scope="module")
 def disaggregated(demo_gguf_path, ray_local):
+    # Every prompt through a prefill worker: this module checks the KV transfer path.
     config = ServeConfig(engine=engine_config(demo_gguf_path),
-                         pools=PoolConfig(mode="disaggregated", lease_ttl_s=10.0))
+                         pools=PoolConfig(mode="disaggregated", lease_ttl_s=10.0),
+                         routing=RoutingConfig(disaggregation="always"))
     with EmbeddedCluster(config) as server:
         yield server
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from router.cluster_backend import RoutingConfig
 from router.pools import ClusterStartError, PoolConfig
 from router.serve import ServeConfig, running_cluster
 from router.embedded import EmbeddedCluster, workers_idle
@@ -32,7 +33,8 @@ def test_layer_by_layer_kv_push_gives_the_same_greedy_outputs(demo_gguf_path, wo
     """The GPU push mode, forced on CPU: each layer's KV goes out as soon as the layer ran."""
     prompts, max_tokens, expected = workload
     config = ServeConfig(engine=engine_config(demo_gguf_path),
-                         pools=PoolConfig(mode="disaggregated", kv_push="layer"))
+                         pools=PoolConfig(mode="disaggregated", kv_push="layer"),
+                         routing=RoutingConfig(disaggregation="always"))
     with EmbeddedCluster(config) as server:
         assert server.backend.pools.prefill[0].info["push_granularity"] == "layer"
         results = run_concurrently(server, prompts[:8], max_tokens[:8])

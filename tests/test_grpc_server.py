@@ -69,6 +69,7 @@ class FakeBackend:
         self.hang_after, self.queue_full, self.fail_after = hang_after, queue_full, fail_after
         self.cached_tokens = cached_tokens
         self.calls: list[tuple[str, list[int], SamplingParams]] = []
+        self.priorities: list[int] = []
         self.aborted: list[str] = []
         self.abort_event = asyncio.Event()
         self._never = asyncio.Event()
@@ -80,8 +81,10 @@ class FakeBackend:
         self.aborted.append(request_id)
         self.abort_event.set()
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 priority: int = 0) -> AsyncIterator[TokenDelta]:
         self.calls.append((request_id, prompt_ids, params))
+        self.priorities.append(priority)
         if self.queue_full == "call":
             raise QueueFullError("8 requests waiting")
         return self._steps(request_id, params)
@@ -238,6 +241,32 @@ def test_queue_full_is_resource_exhausted(where: str) -> None:
     error = run(scenario())
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "8 requests waiting" in error.details()
+
+
+def test_priority_reaches_the_backend_and_a_request_too_large_is_invalid() -> None:
+    from router.backend import RequestTooLargeError
+
+    class TooLarge(FakeBackend):
+        def generate(self, request_id, prompt_ids, params, priority=0):
+            if priority == 99:
+                raise RequestTooLargeError("prompt + max_tokens is 900 tokens, the largest KV cache holds 512")
+            return super().generate(request_id, prompt_ids, params, priority)
+
+    async def scenario():
+        backend = TooLarge()
+        async with serving(backend) as (stub, _, _):
+            request = prompt_request(max_tokens=2)
+            request.priority = -3
+            await collect(stub, request)
+            request.priority = 99
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(stub, request)
+        return backend, info.value
+
+    backend, error = run(scenario())
+    assert backend.priorities[0] == -3
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_tokens" in error.details() and "largest KV cache" in error.details()
 
 
 def test_backend_failure_mid_stream_ends_stream_and_server_keeps_serving() -> None:

@@ -160,3 +160,38 @@ def test_kv_transfer_imports_no_other_package() -> None:
         text = path.read_text()
         for package in ("engine", "router", "prefill_worker", "decode_worker"):
             assert f"from {package}" not in text and f"import {package}" not in text, path
+
+
+@pytest.mark.parametrize("backend", ["shm", "torch_dist"])
+def test_tickets_and_senders_of_another_generation_are_refused(backend: str) -> None:
+    with create_receiver(backend, LAYOUT, num_blocks=8) as rx:
+        rx.generation = 2  # this receiver's worker restarted once
+        tx = create_sender(backend, LAYOUT, sender_id="prefill-0", generation=5, timeout_s=5)
+        try:
+            tx.connect(rx.endpoint)
+            old = TransferTicket("old", rx.endpoint, (1,), 4, "l-old", generation=1)
+            # shm writes before the receiver sees a header: the sender itself must refuse.
+            with pytest.raises(TransferError, match="stale ticket.*generation 1.*now generation 2"):
+                tx.send_blocks(old, torch.ones(LAYOUT.cache_shape(1)))
+            # A sender that skipped that check (or a forged header) is refused by the receiver.
+            rx.issue_ticket("old", [1], num_tokens=4, lease_id="l-old")
+            tx._links[rx.endpoint].generation = 1
+            before = rx.kv_cache[1].clone()
+            tx.send_blocks(old, torch.full(LAYOUT.cache_shape(1), 7.0))
+            tx.send_done(old)
+            with pytest.raises(TransferTimeout):
+                rx.wait("old", timeout_s=0.5)  # nothing of it counted
+            if backend == "torch_dist":  # the receiver lands the payload itself: it wrote nothing
+                assert torch.equal(rx.kv_cache[1], before)
+            assert rx.snapshot().failures == 2
+            # An older incarnation of a sender the receiver knows a newer one of: refused at hello.
+            zombie = create_sender(backend, LAYOUT, sender_id="prefill-0", generation=4, timeout_s=5)
+            with pytest.raises(TransferError, match="stale sender: prefill-0 generation 4"):
+                zombie.connect(rx.endpoint)
+            # The registry can veto a sender too (the worker asks it whether that one is current).
+            rx.peer_check = lambda sender_id, generation: "replaced" if sender_id == "prefill-1" else None
+            vetoed = create_sender(backend, LAYOUT, sender_id="prefill-1", generation=9, timeout_s=5)
+            with pytest.raises(TransferError, match="replaced"):
+                vetoed.connect(rx.endpoint)
+        finally:
+            tx.close()

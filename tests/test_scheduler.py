@@ -9,7 +9,7 @@ from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import AdmissionRefusal, Scheduler
 
 EOS = 2
 
@@ -196,7 +196,9 @@ def test_reservation_keeps_headroom_for_running_decodes():
     scheduler.add_request(make_request("run", 4, max_tokens=20))
     run_step(scheduler)  # "run" decodes and holds 1 block; 5 are free
     # 5 blocks for KV in flight would leave none for "run"'s next block.
-    assert scheduler.reserve_for_transfer(make_request("big", 20, first_token=30)) is None
+    refusal = scheduler.reserve_for_transfer(make_request("big", 20, first_token=30))
+    assert isinstance(refusal, AdmissionRefusal) and refusal.limit == "KV blocks"
+    assert "decoding requests" in refusal.detail
     assert scheduler.reserve_for_transfer(make_request("fits", 16, first_token=30)) == 0
     scheduler.abort_request("fits")
     drain(scheduler)
@@ -212,7 +214,7 @@ def test_refused_reservation_leaves_no_stale_prefix_state():
     run_step(scheduler)  # "hog" holds the 5 uncached blocks; only "x"'s 3 cached ones are free
     # Same prompt as "x": its hits would take every free block, so it is refused, and
     # nothing of its lookup may stay behind.
-    assert scheduler.reserve_for_transfer(make_request("r", 12)) is None
+    assert isinstance(scheduler.reserve_for_transfer(make_request("r", 12)), AdmissionRefusal)
     scheduler.abort_request("hog")
     # The id comes back with another prompt: no hit may come from the refused lookup.
     assert scheduler.reserve_for_transfer(make_request("r", 12, first_token=40)) == 0
@@ -236,4 +238,30 @@ def test_prefix_cache_stats_count_each_admission_once():
     stats = scheduler.kv_manager.stats()
     assert stats.queries == 3 * 12  # a, b and c admitted once each, none preempted
     assert stats.hits == c.num_cached_tokens  # only c shares a prefix (b's prompt differs)
+    assert_all_blocks_free(scheduler)
+
+
+def test_admission_refuses_past_max_num_seqs_naming_the_slots():
+    scheduler = make_scheduler(num_blocks=64, max_num_seqs=2)
+    assert scheduler.admit(make_request("a", 4)) is None
+    assert scheduler.reserve_for_transfer(make_request("b", 4, first_token=20)) == 0
+    # Two requests held (one queued, one waiting for KV): both paths refuse a third.
+    for refusal in (scheduler.admit(make_request("c", 4, first_token=30)),
+                    scheduler.reserve_for_transfer(make_request("d", 4, first_token=40))):
+        assert isinstance(refusal, AdmissionRefusal) and refusal.limit == "sequence slots"
+        assert "max_num_seqs 2" in str(refusal)
+    assert set(scheduler.requests) == {"a", "b"}
+    scheduler.abort_request("a")
+    scheduler.abort_request("b")
+    assert_all_blocks_free(scheduler)
+
+
+def test_local_admission_counts_blocks_promised_to_queued_prompts():
+    scheduler = make_scheduler(num_blocks=6, block_size=4, max_num_seqs=8)
+    assert scheduler.admit(make_request("a", 16)) is None  # 4 blocks promised, none taken yet
+    refusal = scheduler.admit(make_request("b", 12, first_token=30))  # needs 3, 2 left
+    assert isinstance(refusal, AdmissionRefusal) and refusal.limit == "KV blocks"
+    assert "needs 3 blocks, 2 are free" in refusal.detail
+    assert scheduler.admit(make_request("c", 8, first_token=40)) is None
+    drain(scheduler)
     assert_all_blocks_free(scheduler)

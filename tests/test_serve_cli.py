@@ -2,37 +2,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.cluster_helpers import pdserve_command, wait_for_serving
 
 pytestmark = pytest.mark.slow
-
-
-def pdserve_command() -> list[str]:
-    script = shutil.which("pdserve")
-    return [script] if script else [sys.executable, "-m", "router.cli"]
-
-
-def wait_for_serving(target: str, server: subprocess.Popen, timeout_s: float) -> None:
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"pdserve serve exited early:\n{server.stderr.read()}"
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(1)
-    raise AssertionError("pdserve serve did not report SERVING in time")
 
 
 def test_serve_with_no_flags_then_client_streams_text(demo_gguf_path):

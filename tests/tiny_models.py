@@ -15,6 +15,9 @@ from engine.attention.torch_backend import TorchAttentionBackend
 from engine.model.config import ModelArchConfig
 
 TINY_ARCHS = ("llama3", "mistral", "qwen2", "qwen3", "llama_tied", "llama_odd")
+# Not in TINY_ARCHS: a still small, slower Llama with a long context, for cluster tests that
+# need streams to run for seconds.
+LONG_ARCH = "llama_long"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 CHAT_TEMPLATE = (
@@ -56,6 +59,10 @@ def _hf_config(arch: str):
         odd = {**_COMMON, "hidden_size": 60, "intermediate_size": 90, "num_attention_heads": 3,
                "num_key_value_heads": 1}
         return tf.LlamaConfig(**odd, tie_word_embeddings=True)
+    if arch == LONG_ARCH:
+        long = {**_COMMON, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+                "max_position_embeddings": 8192}
+        return tf.LlamaConfig(**long, tie_word_embeddings=True)
     if arch == "mistral":
         return tf.MistralConfig(**_COMMON, sliding_window=None, tie_word_embeddings=False)
     if arch == "qwen2":

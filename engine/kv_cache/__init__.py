@@ -7,6 +7,7 @@ scheduler grows each step. Pure Python; the KV tensors live in the model runner.
 """
 from engine.kv_cache.block_hash import hash_block_tokens, hash_request_blocks
 from engine.kv_cache.block_pool import BlockPool, FreeBlockQueue, KVBlock
+from engine.kv_cache.events import KVEventLog
 from engine.kv_cache.manager import ComputedBlocks, KVCacheManager, PrefixCacheStats
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "FreeBlockQueue",
     "KVBlock",
     "KVCacheManager",
+    "KVEventLog",
     "PrefixCacheStats",
     "hash_block_tokens",
     "hash_request_blocks",

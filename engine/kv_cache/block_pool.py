@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from engine.kv_cache.events import KVEventLog
+
 
 class KVBlock:
     """One block's bookkeeping; the K/V data itself lives in the model runner's cache tensor."""
@@ -102,12 +104,14 @@ class FreeBlockQueue:
 class BlockPool:
     """All KV blocks of one cache, with ref counts, the free queue and the hash -> block index."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, events: KVEventLog | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[int, KVBlock] = {}
+        # Every change to cached_blocks' keys, for the cluster's KV block index (None: untracked).
+        self.events = events
 
     @property
     def num_blocks(self) -> int:
@@ -130,6 +134,8 @@ class BlockPool:
             block = self.free_queue.popleft()
             if block.block_hash is not None:  # evict: its content is about to be overwritten
                 del self.cached_blocks[block.block_hash]
+                if self.events is not None:
+                    self.events.evicted(block.block_hash)
                 block.block_hash = None
             block.ref_count = 1
             taken.append(block)
@@ -179,12 +185,17 @@ class BlockPool:
             return False
         block.block_hash = block_hash
         self.cached_blocks[block_hash] = block
+        if self.events is not None:
+            self.events.stored(block_hash)
         return True
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash. Refused (False) while any block is held."""
         if self.num_free_blocks != self.num_blocks:
             return False
+        if self.events is not None:
+            for block_hash in self.cached_blocks:
+                self.events.evicted(block_hash)
         for block in self.blocks:
             block.block_hash = None
         self.cached_blocks.clear()

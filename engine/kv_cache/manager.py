@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from engine.kv_cache.block_hash import hash_block_tokens
 from engine.kv_cache.block_pool import BlockPool, KVBlock, _check
+from engine.kv_cache.events import KVEventLog
 from engine.request import Request
 
 
@@ -59,12 +60,13 @@ class _RequestState:
 class KVCacheManager:
     """Block tables of all live requests in one KV cache of `num_blocks` x `block_size` tokens."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 events: KVEventLog | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, events)
         self._requests: dict[str, _RequestState] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -85,6 +87,10 @@ class KVCacheManager:
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self.prefix_cache_queries, self.prefix_cache_hits)
+
+    def cached_block_hashes(self) -> set[int]:
+        """Every block hash the prefix cache holds now (what the KV block index should show)."""
+        return set(self.pool.cached_blocks)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table (a copy); empty for a request that holds no blocks."""

@@ -1,0 +1,172 @@
+"""Conditional disaggregation: `--disaggregation auto` against `always` and `never`, in one run.
+
+The workload mixes short and long prompts, all uncached (random tokens), at a low and a high
+request rate (Poisson arrivals). `always` prefills every prompt on the prefill worker and moves
+its KV; `never` prefills every prompt on the decode worker itself, between its decode steps;
+`auto` decides per request from predicted times to first token (the workers' measured step
+costs, the transfer rate, the queues, and what a local prefill would cost the requests decoding
+there). Each mode runs on a fresh cluster of 1 prefill + 1 decode worker with the same cores,
+the same model and the same requests. Reported per mode and load: TTFT p50 / p99 and time per
+output token (mean and p99 over requests), as the client measures them, and the decisions made.
+
+Writes bench/results/conditional_disagg.json. Run with --help for the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import grpc  # noqa: E402
+
+from bench.grpc_load import greedy, percentile, poisson_load, summary_ms, timed_stream  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.loader import resolve_model_path  # noqa: E402
+from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+from router.cluster_backend import RoutingConfig  # noqa: E402
+from router.embedded import EmbeddedCluster  # noqa: E402
+from router.pools import PoolConfig  # noqa: E402
+from router.serve import ServeConfig, load_tokenizer  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def make_requests(args, vocab: int, count: int, seed: int) -> list[tuple[list[int], str]]:
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        tag = "long" if rng.random() < args.long_fraction else "short"
+        low, high = args.long_tokens if tag == "long" else args.short_tokens
+        requests.append(([rng.randrange(100, vocab - 100) for _ in range(rng.randint(low, high))], tag))
+    return requests
+
+
+def run_mode(args, mode: str, warmup, loads) -> dict:
+    options = dict(dtype="float32", device="cpu", kv_cache_memory_gb=args.kv_cache_gb,
+                   max_num_batched_tokens=args.max_num_batched_tokens)
+    config = ServeConfig(engine=EngineConfig.from_options(args.model, **options),
+                         pools=PoolConfig(torch_threads=args.torch_threads),
+                         routing=RoutingConfig(disaggregation=mode), cluster_name=f"bench-{mode}")
+    log(f"{mode}: starting 1 prefill + 1 decode worker")
+    results = {}
+    with EmbeddedCluster(config) as server:
+        async def drive(requests, rate):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = pb_grpc.GenerationStub(channel)
+                if rate is None:  # warm-up, one at a time
+                    return [await timed_stream(stub, greedy(p, args.output_tokens), tag) for p, tag in requests]
+                return await poisson_load(stub, [(greedy(p, args.output_tokens), tag) for p, tag in requests],
+                                          rate, seed=args.seed)
+        asyncio.run(drive(warmup, None))
+        for name, rate, requests in loads:
+            before = dict(server.backend.stats()["disaggregation"])
+            log(f"{mode}: {name} load, {len(requests)} requests at {rate} req/s")
+            timings = asyncio.run(drive(requests, rate))
+            errors = [t.error for t in timings if t.error]
+            if errors:
+                raise RuntimeError(f"{mode}/{name}: {len(errors)} requests failed, e.g. {errors[0]}")
+            after = server.backend.stats()["disaggregation"]
+            results[name] = summarize(timings, {k: after[k] - before.get(k, 0) for k in after})
+    return results
+
+
+def summarize(timings, decisions: dict) -> dict:
+    tpots = [t.tpot_s for t in timings if t.tokens > 1]
+    return {"ttft_ms": summary_ms([t.ttft_s for t in timings]),
+            "tpot_ms": {"mean": round(1000 * sum(tpots) / len(tpots), 1),
+                        "p99": round(1000 * percentile(tpots, 99), 1)},
+            "ttft_long_p50_ms": round(1000 * percentile([t.ttft_s for t in timings if t.tag == "long"], 50), 1),
+            "ttft_short_p50_ms": round(1000 * percentile([t.ttft_s for t in timings if t.tag == "short"], 50), 1),
+            "decisions": decisions}
+
+
+def verdicts(results: dict, loads: list[str]) -> dict:
+    """auto / best of the other two, per load and metric (<= 1.0: auto is at least as good)."""
+    out = {}
+    for load in loads:
+        row = {}
+        for metric, pick in (("ttft_p50", lambda r: r["ttft_ms"]["p50"]), ("ttft_p99", lambda r: r["ttft_ms"]["p99"]),
+                             ("tpot_mean", lambda r: r["tpot_ms"]["mean"])):
+            best = min(pick(results[m][load]) for m in ("always", "never") if m in results)
+            row[metric] = round(pick(results["auto"][load]) / best, 3) if best else None
+        out[load] = row
+    return out
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    return int(low), int(high or low)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="demo, an HF model directory or a .gguf file")
+    parser.add_argument("--short-tokens", type=parse_range, default=(8, 48), help="short prompt lengths, LOW,HIGH (default 8,48)")
+    parser.add_argument("--long-tokens", type=parse_range, default=(384, 768), help="long prompt lengths (default 384,768)")
+    parser.add_argument("--long-fraction", type=float, default=0.3, help="share of long prompts (default 0.3)")
+    parser.add_argument("--output-tokens", type=int, default=32, help="new tokens per request (default 32)")
+    parser.add_argument("--low-rate", type=float, default=0.3, help="requests/s of the low load (default 0.3)")
+    parser.add_argument("--high-rate", type=float, default=1.0, help="requests/s of the high load (default 1.0)")
+    parser.add_argument("--low-requests", type=int, default=12, help="requests at low load (default 12)")
+    parser.add_argument("--high-requests", type=int, default=30, help="requests at high load (default 30)")
+    parser.add_argument("--modes", default="auto,always,never", help="modes to run (default auto,always,never)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache per worker in GiB (default 0.5)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="tokens per engine step, prefill chunks included (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrivals")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conditional_disagg.json"),
+                        help="where to write the JSON results")
+    args = parser.parse_args(argv)
+
+    args.model = resolve_model_path(args.model)
+    vocab = load_tokenizer(args.model).vocab_size
+    warmup = make_requests(args, vocab, 6, args.seed + 100)
+    loads = [("low", args.low_rate, make_requests(args, vocab, args.low_requests, args.seed + 1)),
+             ("high", args.high_rate, make_requests(args, vocab, args.high_requests, args.seed + 2))]
+    modes = args.modes.split(",")
+    results = {mode: run_mode(args, mode, warmup, loads) for mode in modes}
+    report = {"workload": {k: getattr(args, k) for k in ("short_tokens", "long_tokens", "long_fraction", "output_tokens",
+                                                         "low_rate", "high_rate", "low_requests", "high_requests",
+                                                         "torch_threads", "seed")},
+              "model": os.path.basename(args.model),
+              "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "results": results}
+    if {"auto", "always", "never"} <= set(modes):
+        report["auto_vs_best_of_others"] = verdicts(results, ["low", "high"])
+    print_table(report)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    log(f"wrote {args.out}")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    w = report["workload"]
+    print(f"\nprompts {w['short_tokens']} / {w['long_tokens']} tokens ({w['long_fraction']:.0%} long), "
+          f"{w['output_tokens']} new tokens, 1 prefill + 1 decode worker, {w['torch_threads']} thread(s) each")
+    print(f"{'load':<6}{'mode':<8}{'TTFT p50':>10}{'p99':>9}{'short p50':>11}{'long p50':>10}"
+          f"{'TPOT mean':>11}{'p99':>8}  decisions")
+    for load in ("low", "high"):
+        for mode, result in report["results"].items():
+            r = result[load]
+            print(f"{load:<6}{mode:<8}{r['ttft_ms']['p50']:>8.0f}ms{r['ttft_ms']['p99']:>7.0f}ms"
+                  f"{r['ttft_short_p50_ms']:>9.0f}ms{r['ttft_long_p50_ms']:>8.0f}ms{r['tpot_ms']['mean']:>9.1f}ms"
+                  f"{r['tpot_ms']['p99']:>6.1f}ms  {r['decisions']}")
+    if "auto_vs_best_of_others" in report:
+        print("auto / best of always and never (<= 1.00 means auto is at least as good):")
+        for load, row in report["auto_vs_best_of_others"].items():
+            print(f"  {load:<5} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

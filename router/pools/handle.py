@@ -1,0 +1,85 @@
+"""A worker as one router sees it: the actor, its registry record, its latest load, and what this
+router has sent it that the load does not show yet."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster_state.load import LoadReport
+from cluster_state.registry import WorkerRecord
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    worker_id: str  # "decode-0": stable across the worker's restarts
+    role: str  # prefill | decode | mixed
+    actor: Any  # the Ray actor handle (the same object across restarts)
+    record: WorkerRecord | None = None  # from the registry; None until the worker registered
+    load: LoadReport = field(default_factory=LoadReport)
+    info: dict = field(default_factory=dict)  # what start() returned
+    registered: bool = False  # in the registry at the last read (its lease is live)
+    healthy: bool = True  # False after a call found the actor dead, until it registers again
+    in_flight: int = 0  # this router's requests on it
+    pending_admissions: int = 0  # admits sent to it that have not answered yet
+    pending_blocks: int = 0  # KV blocks those admits will take
+    prefill_tokens_in_flight: int = 0  # prompt tokens this router sent it to prefill, not done yet
+    refused_at: float | None = None  # last "no room" answer; the worker counts as full until newer load
+
+    @property
+    def index(self) -> int:
+        return int(self.worker_id.rsplit("-", 1)[-1])
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} worker {self.index}"
+
+    @property
+    def generation(self) -> int:
+        if self.record is not None:
+            return self.record.generation
+        return int(self.info.get("generation", 0))
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.worker_id, self.generation
+
+    @property
+    def block_size(self) -> int:
+        layout = self.info.get("layout") or (self.record.kv_layout if self.record else {})
+        return int(layout.get("block_size", 16))
+
+    def update_load(self, report: LoadReport) -> None:
+        """Keep the newest report (registry, admit replies and token batches all carry one)."""
+        if report.published_at >= self.load.published_at:
+            self.load = report
+            if self.refused_at is not None and report.published_at > self.refused_at:
+                self.refused_at = None
+
+    def mark_refused(self) -> None:
+        self.refused_at = time.time()
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens waiting on the worker: as published, or at least what this router sent
+        it since (the published load lags by up to one publish interval)."""
+        return max(self.load.queued_prefill_tokens, self.prefill_tokens_in_flight)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests on the worker, counted alike by every router, plus what this router sent
+        that the published load does not show yet."""
+        return max(self.load.num_unfinished, self.in_flight) + self.pending_admissions
+
+    @property
+    def free_slots(self) -> int:
+        """Sequence slots free now, less the admits in flight; 0 after a refusal until newer load."""
+        if self.refused_at is not None:
+            return 0
+        return self.load.free_slots - self.pending_admissions
+
+    @property
+    def free_blocks(self) -> int:
+        if self.refused_at is not None:
+            return 0
+        return self.load.num_free_blocks - self.pending_blocks

@@ -1,0 +1,55 @@
+"""Predicted costs of placing a request, from the workers' published load and fitted rates.
+
+Every figure comes from the workers' own measurements (their step-cost fits, their transfer
+rate); a worker that has measured nothing yet falls back on another worker's rates, and only a
+cluster that has measured nothing at all uses the defaults below.
+"""
+from __future__ import annotations
+
+from router.pools.handle import WorkerHandle
+
+# Used until a worker has measured itself (it calibrates at start, so rarely for long).
+DEFAULT_PREFILL_S_PER_TOKEN = 0.002
+DEFAULT_TRANSFER_BYTES_PER_S = 1e9
+
+
+def prefill_s_per_token(worker: WorkerHandle) -> float:
+    rate = worker.load.prefill_s_per_token
+    return rate if rate > 0 else DEFAULT_PREFILL_S_PER_TOKEN
+
+
+def queued_prefill_s(worker: WorkerHandle) -> float:
+    """Time for the prompt tokens already queued on the worker (admitted, not computed)."""
+    return worker.queued_prefill_tokens * prefill_s_per_token(worker)
+
+
+def prefill_s(worker: WorkerHandle, tokens: int) -> float:
+    """A prefill of `tokens` in steps of its own (a prefill worker's)."""
+    return tokens * prefill_s_per_token(worker) + (worker.load.step_base_s if tokens else 0.0)
+
+
+def marginal_prefill_s(worker: WorkerHandle, tokens: int) -> float:
+    """A prefill of `tokens` joining steps the worker runs anyway (a decode worker's): the step's
+    fixed cost is already paid by the decodes."""
+    if worker.load.num_running == 0:
+        return prefill_s(worker, tokens)
+    return tokens * prefill_s_per_token(worker)
+
+
+def decode_slowdown_s(worker: WorkerHandle, tokens: int) -> float:
+    """Total delay a local prefill of `tokens` adds to the requests decoding on the worker: each
+    of them waits for the prefill chunks that its steps now share the worker with."""
+    return worker.load.num_running * tokens * prefill_s_per_token(worker)
+
+
+def transfer_s(prefill: WorkerHandle, decode: WorkerHandle, tokens: int) -> float:
+    """Time to move the KV of `tokens` prompt tokens from prefill to decode."""
+    record = decode.record
+    bytes_per_block = record.bytes_per_block if record is not None else 0
+    blocks = -(-tokens // decode.block_size)
+    rate = prefill.load.transfer_bytes_per_s or DEFAULT_TRANSFER_BYTES_PER_S
+    return blocks * bytes_per_block / rate
+
+
+def load_of(worker: WorkerHandle) -> int:
+    return worker.num_requests

@@ -1,0 +1,89 @@
+"""Conditional disaggregation: prefill a request on its decode worker, or on a prefill worker.
+
+`auto` predicts the time to first token both ways and takes the smaller, where a local prefill
+also pays for the delay it adds to the requests decoding on that worker (their latency counts as
+much as this request's):
+    local  = queued prefill there + uncached tokens there x its prefill rate + that delay
+    remote = queued prefill on the prefill worker + its uncached tokens x its rate
+             + moving the decode worker's uncached blocks at the measured transfer rate
+The rates are the workers' own fits to their measured steps. What the prediction misses (the
+extra hop of a remote prefill, a worker slower than its fit) is learned per path from observed
+times to first token. `always` and `never` skip the prediction. Every decision is counted.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from router.pools.handle import WorkerHandle
+from router.routing import cost
+from router.routing.policies import RoutingRequest
+
+MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    remote: bool
+    local_ttft_s: float  # predicted time to first token of a local prefill
+    remote_ttft_s: float  # ... of a remote one (inf without a prefill worker)
+    slowdown_s: float  # what a local prefill adds to the decoding requests' latency, in total
+    reason: str  # "auto" | "always" | "never" | "no prefill worker"
+    bias_s: float = 0.0  # the learned correction included in the chosen path's prediction
+
+    @property
+    def predicted_ttft_s(self) -> float:
+        return self.remote_ttft_s if self.remote else self.local_ttft_s
+
+
+class PathBias:
+    """Observed minus predicted time to first token, per path, as a moving average.
+
+    The remote path starts with a small allowance for its extra hops (two actor calls and the
+    first token's trip), replaced by what is measured from the first remote request on.
+    """
+
+    def __init__(self, weight: float = 0.1, remote_hop_s: float = 0.005) -> None:
+        self.weight = weight
+        self.bias = {True: remote_hop_s, False: 0.0}  # remote? -> seconds
+        self.samples = Counter()
+
+    def observe(self, remote: bool, predicted_s: float, observed_s: float) -> None:
+        error = observed_s - predicted_s
+        if not self.samples[remote]:
+            self.bias[remote] = error
+        else:
+            self.bias[remote] += self.weight * (error - self.bias[remote])
+        self.samples[remote] += 1
+
+
+class DisaggregationPolicy:
+    def __init__(self, mode: str = "auto") -> None:
+        if mode not in MODES:
+            raise ValueError(f"disaggregation must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        self.bias = PathBias()
+        self.decisions: Counter[str] = Counter()  # "local" / "remote" by reason, e.g. "remote:auto"
+
+    def plan(self, request: RoutingRequest, decode: WorkerHandle, prefill: WorkerHandle | None) -> PrefillPlan:
+        tokens = request.uncached_tokens(decode)
+        local_s = cost.queued_prefill_s(decode) + cost.marginal_prefill_s(decode, tokens) + self.bias.bias[False]
+        slowdown_s = cost.decode_slowdown_s(decode, tokens)
+        remote_s = float("inf")
+        if prefill is not None:
+            remote_s = (cost.queued_prefill_s(prefill) + cost.prefill_s(prefill, request.uncached_tokens(prefill))
+                        + cost.transfer_s(prefill, decode, tokens) + self.bias.bias[True])
+        local_s, remote_s = max(local_s, 0.0), max(remote_s, 0.0)
+        if prefill is None:
+            remote, reason = False, "no prefill worker"
+        elif self.mode == "auto":
+            remote, reason = remote_s < local_s + slowdown_s, "auto"
+        else:
+            remote, reason = self.mode == "always", self.mode
+        self.decisions[f"{'remote' if remote else 'local'}:{reason}"] += 1
+        return PrefillPlan(remote, local_s, remote_s, slowdown_s, reason, self.bias.bias[remote])
+
+    def observe(self, plan: PrefillPlan, observed_s: float) -> None:
+        """A request's placement-to-first-token time, for the path it took."""
+        if plan.reason in ("auto", "always", "never"):
+            self.bias.observe(plan.remote, plan.predicted_ttft_s - plan.bias_s, observed_s)

@@ -1,0 +1,140 @@
+"""Routing units without Ray: resource requests, the policies, conditional disaggregation, and
+which workers the view lets requests reach."""
+from __future__ import annotations
+
+import pytest
+
+from cluster_state.load import LoadReport
+from cluster_state.registry import WorkerRecord
+from router.pools import ClusterView, PoolConfig, WorkerHandle
+from router.pools.actors import actor_options
+from router.routing import DisaggregationPolicy, RoutingRequest, make_policy
+from router.routing.policies import KVAware
+
+BLOCK = 16
+
+
+def worker(role: str, index: int, running: int = 0, queued_tokens: int = 0, unfinished: int | None = None,
+           prefill_s_per_token: float = 0.001, transfer_bytes_per_s: float = 1e9) -> WorkerHandle:
+    record = WorkerRecord(f"{role}-{index}", role, f"c/{role}-{index}", "127.0.0.1", 1, None, "shm",
+                          {"block_size": BLOCK}, max_num_seqs=64, num_blocks=1000,
+                          bytes_per_block=100_000, generation=1)
+    load = LoadReport(num_running=running, num_unfinished=running if unfinished is None else unfinished,
+                      max_num_seqs=64, num_free_blocks=1000, num_blocks=1000,
+                      queued_prefill_tokens=queued_tokens, prefill_s_per_token=prefill_s_per_token,
+                      decode_s_per_seq=0.0005, transfer_bytes_per_s=transfer_bytes_per_s, published_at=1.0)
+    return WorkerHandle(record.worker_id, role, actor=None, record=record, load=load,
+                        info={"generation": 1, "layout": {"block_size": BLOCK}}, registered=True)
+
+
+def test_workers_ask_for_a_gpu_only_when_the_cluster_has_them():
+    assert "num_gpus" not in actor_options("decode", {"CPU": 8.0}, ray_gpus=False)
+    assert actor_options("prefill", {"CPU": 8.0, "GPU": 2.0}, ray_gpus=True)["num_gpus"] == 1
+
+
+def test_pools_pin_to_node_types_advertising_their_resource():
+    cluster = {"CPU": 16.0, "prefill": 2.0, "decode": 4.0}
+    assert actor_options("prefill", cluster, False)["resources"] == {"prefill": 1}
+    assert actor_options("decode", cluster, False)["resources"] == {"decode": 1}
+    assert actor_options("mixed", cluster, False)["resources"] == {"decode": 1}
+    assert "resources" not in actor_options("decode", {"CPU": 16.0}, False)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mode": "hybrid"}, "mode must be"),
+    ({"num_decode_workers": 0}, "at least one decode worker"),
+    ({"num_prefill_workers": 0}, "needs at least one prefill worker"),
+    ({"registry_ttl_s": 6.0}, "registry lease"),
+    ({"publish_interval_s": 4.0, "registry_ttl_s": 3.0}, "publish interval"),
+])
+def test_pool_config_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PoolConfig(**kwargs)
+
+
+def test_least_loaded_counts_every_router_and_this_ones_admits_in_flight():
+    workers = [worker("decode", 0, unfinished=2), worker("decode", 1, unfinished=1), worker("decode", 2, unfinished=1)]
+    policy = make_policy("least_loaded")
+    assert policy.choose(workers, RoutingRequest(10)).index == 1
+    workers[1].pending_admissions = 2  # sent, not answered: the published load does not show them
+    assert policy.choose(workers, RoutingRequest(10)).index == 2
+
+
+def test_round_robin_cycles_in_index_order():
+    workers = [worker("decode", i) for i in (2, 0, 1)]
+    policy = make_policy("round_robin")
+    assert [policy.choose(workers, RoutingRequest(10)).index for _ in range(4)] == [0, 1, 2, 0]
+
+
+def test_kv_aware_prefers_the_worker_caching_the_prefix():
+    workers = [worker("decode", 0), worker("decode", 1)]
+    request = RoutingRequest(640, cached_blocks={("decode-1", 1): 32})  # 512 of 640 tokens cached on 1
+    assert request.uncached_tokens(workers[1]) == 128
+    assert make_policy("kv_aware").choose(workers, request).index == 1
+    # Queued work counts too: 600 queued prompt tokens outweigh the 512 cached ones.
+    workers[1].load = LoadReport(**{**workers[1].load.__dict__, "queued_prefill_tokens": 600})
+    assert make_policy("kv_aware").choose(workers, request).index == 0
+
+
+def test_kv_aware_guard_spreads_a_hot_prefix_once_its_worker_is_busy():
+    hot = RoutingRequest(640, cached_blocks={("decode-0", 1): 39})
+    workers = [worker("decode", 0, running=6, unfinished=6), worker("decode", 1, running=0, unfinished=0)]
+    # 6 requests vs 0 exceeds max(0 + 4, 0 * 1.5): the cache no longer decides.
+    assert KVAware().choose(workers, hot).index == 1
+    workers[0].load = LoadReport(**{**workers[0].load.__dict__, "num_unfinished": 3, "num_running": 3})
+    assert KVAware().choose(workers, hot).index == 0  # within the margin: affinity wins
+
+
+def test_cached_tokens_never_cover_the_last_prompt_token():
+    request = RoutingRequest(32, cached_blocks={("decode-0", 1): 2})  # 2 full blocks = 32 tokens
+    assert request.uncached_tokens(worker("decode", 0)) == 1
+
+
+def test_auto_disaggregation_keeps_short_prompts_local_and_sends_long_ones_out():
+    policy = DisaggregationPolicy("auto")
+    decode, prefill = worker("decode", 0, running=1), worker("prefill", 0)
+    short = policy.plan(RoutingRequest(3), decode, prefill)
+    decode = worker("decode", 0, running=8)
+    long = policy.plan(RoutingRequest(2000), decode, prefill)
+    assert not short.remote and long.remote
+    # An idle decode worker loses nothing by prefilling a long prompt itself.
+    idle = worker("decode", 1, running=0)
+    assert not policy.plan(RoutingRequest(2000), idle, prefill).remote
+    # A busy prefill worker: its queue makes the local prefill faster.
+    busy = worker("prefill", 1, queued_tokens=50_000)
+    assert not policy.plan(RoutingRequest(2000), decode, busy).remote
+    assert policy.decisions == {"local:auto": 3, "remote:auto": 1}
+
+
+def test_fixed_disaggregation_modes_and_the_colocated_case():
+    decode, prefill = worker("decode", 0), worker("prefill", 0)
+    assert DisaggregationPolicy("always").plan(RoutingRequest(3), decode, prefill).remote
+    assert not DisaggregationPolicy("never").plan(RoutingRequest(5000), decode, prefill).remote
+    assert DisaggregationPolicy("always").plan(RoutingRequest(5000), decode, None).reason == "no prefill worker"
+    with pytest.raises(ValueError, match="disaggregation must be"):
+        DisaggregationPolicy("sometimes")
+
+
+def test_observed_first_token_times_correct_the_path_prediction():
+    policy = DisaggregationPolicy("auto")
+    decode, prefill = worker("decode", 0, running=4), worker("prefill", 0)
+    request = RoutingRequest(600, cached_blocks={})
+    plan = policy.plan(request, decode, prefill)
+    assert plan.remote
+    for _ in range(30):  # the remote path is in fact 4 s slower than its prediction
+        policy.observe(plan, plan.remote_ttft_s - plan.bias_s + 4.0)
+    assert policy.bias.bias[True] == pytest.approx(4.0, rel=0.05)
+    assert not policy.plan(request, decode, prefill).remote
+
+
+def test_dead_or_unregistered_workers_get_no_new_requests():
+    view = ClusterView(registry=None, lease_ttl_s=3.0)
+    view.registry = object()  # routability now follows the registry, as in a real router
+    workers = [view.add(worker("decode", i)) for i in range(2)]
+    assert view.of_role("decode") == workers
+    view.note_failure(workers[0], RuntimeError("actor died"))
+    assert view.of_role("decode") == [workers[1]]
+    workers[1].registered = False  # its lease lapsed
+    assert view.of_role("decode") == []
+    view.note_alive(workers[0], 1)  # a call succeeded on the same incarnation
+    assert view.of_role("decode") == [workers[0]]
