@@ -33,7 +33,7 @@ def namespaces_available() -> str | None:
     """None when this machine can build virtual hosts, else why not."""
     if os.geteuid() != 0:
         return "needs root for network namespaces"
-    for tool in ("ip", "unshare", "nsenter"):
+    for tool in ("ip", "unshare", "nsenter", "setpriv"):
         if shutil.which(tool) is None:
             return f"needs {tool} (util-linux / iproute2)"
     return None
@@ -73,9 +73,12 @@ class Host:
         os.makedirs(self.home, exist_ok=True)
         os.makedirs(os.path.join(self.root, "t"), exist_ok=True)
         self.env = {**base_env(), "HOME": self.home, "RAY_TMPDIR": os.path.join(self.root, "t")}
+        # If the test process dies without closing the host (a timeout's SIGKILL), the holder
+        # gets SIGKILL (pdeathsig) and its child, the PID namespace's first process, with it.
         self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "--pid", "--fork", "--mount-proc",
-             "sleep", "infinity"], start_new_session=True)
+            ["setpriv", "--pdeathsig", "KILL", "ip", "netns", "exec", self.netns,
+             "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sleep", "infinity"],
+            start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not self.init_pid:
             try:
