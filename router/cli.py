@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              transfer_backend=args.kv_transfer_backend,
                              lease_ttl_s=args.lease_ttl, torch_threads=args.torch_threads,
                              kv_push=args.kv_push, registry_ttl_s=args.registry_ttl,
-                             router_lease_s=args.router_lease),
+                             router_lease_s=args.router_lease, pin_pools=args.pin_pools),
             routing=RoutingConfig(policy=args.routing_policy, disaggregation=args.disaggregation,
                                   max_queued_requests=args.max_queued_requests),
             host=args.host, grpc_port=args.grpc_port, ray_address=args.ray_address,
@@ -201,6 +201,11 @@ def add_serve_parser(sub) -> None:
                         "worker leaves routing within this (at most 5, default 3)")
     g.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads per worker (default: this host's cores split between workers)")
+    g.add_argument("--pin-pools", default="auto", choices=["auto", "always", "never"],
+                   help="run each pool on nodes that advertise its Ray resource (`prefill` / "
+                        "`decode`): auto (when some node advertises it as the pools are created), "
+                        "always (workers wait for such nodes, e.g. while an autoscaler or Helm brings "
+                        "them up), never (default auto)")
     g.add_argument("--ray-address", default=None,
                    help="join a running Ray cluster: 'auto' (the one `ray start` left on this "
                         "machine) or host:port (e.g. one started by `ray up`); default: start a "

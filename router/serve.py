@@ -143,8 +143,10 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
             tasks.append(asyncio.create_task(_heartbeat_forever(routers, config, secret)))
             view = ClusterView(WorkerRegistry(redis, keys), config.pools.registry_ttl_s,
                                config.pools.publish_interval_s, presence_key=keys.router(config.router_id))
-            context = ClusterContext(redis_url, config.cluster_name, config.router_id,
-                                     local_ray=not config.ray_address)
+            # Workers get the URL with its password in (from $PDSERVE_REDIS_PASSWORD here, if the
+            # URL lacked one): on other nodes they do not have this router's environment.
+            context = ClusterContext(RedisSettings.from_url(redis_url).url, config.cluster_name,
+                                     config.router_id, local_ray=not config.ray_address)
             pools = WorkerPools(config.pools, config.engine, config.decode_engine or config.engine,
                                 context, view, routers)
             async with _pools_up(pools, routers, config.join):

@@ -38,6 +38,9 @@ def test_pools_pin_to_node_types_advertising_their_resource():
     assert actor_options("decode", cluster, False)["resources"] == {"decode": 1}
     assert actor_options("mixed", cluster, False)["resources"] == {"decode": 1}
     assert "resources" not in actor_options("decode", {"CPU": 16.0}, False)
+    # Pinned before any such node exists (an autoscaler brings them), or never.
+    assert actor_options("prefill", {"CPU": 16.0}, False, pin="always")["resources"] == {"prefill": 1}
+    assert "resources" not in actor_options("prefill", cluster, False, pin="never")
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -138,3 +141,17 @@ def test_dead_or_unregistered_workers_get_no_new_requests():
     assert view.of_role("decode") == []
     view.note_alive(workers[0], 1)  # a call succeeded on the same incarnation
     assert view.of_role("decode") == [workers[0]]
+
+
+def test_recent_routes_count_as_cached_until_they_expire():
+    from router.routing.recent import RecentRoutes
+
+    now = [100.0]
+    recent = RecentRoutes(ttl_s=10.0, max_blocks_per_worker=4, clock=lambda: now[0])
+    recent.record(("prefill-0", 1), [11, 12, 13])
+    assert recent.longest_prefixes([11, 12, 99], [("prefill-0", 1), ("prefill-1", 1)]) == {
+        ("prefill-0", 1): 2, ("prefill-1", 1): 0}
+    recent.record(("prefill-0", 1), [21, 22])  # over the bound: the oldest block goes
+    assert recent.longest_prefixes([11, 12], [("prefill-0", 1)]) == {("prefill-0", 1): 0}
+    now[0] += 11.0
+    assert recent.longest_prefixes([21, 22], [("prefill-0", 1)]) == {("prefill-0", 1): 0}

@@ -22,6 +22,7 @@ from router.admission.queue import AdmissionQueue, QueuedRequest
 from router.backend import BackendError
 from router.pools import ClusterView, WorkerHandle, root_cause
 from router.routing import DisaggregationPolicy, PrefillPlan, RoutingPolicy, RoutingRequest
+from router.routing.recent import RecentRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Dispatcher:
         self.no_worker_timeout_s = no_worker_timeout_s
         self.capacity_changed = asyncio.Event()
         self.refusals: dict[str, int] = {}  # limit named by a worker's refusal -> count
+        self.recent = RecentRoutes()  # what this router just sent where, before the index shows it
         self._admits: set[asyncio.Task] = set()
         self._no_workers_since: float | None = None
 
@@ -89,13 +91,21 @@ class Dispatcher:
         prompt = entry.token_ids
         request = RoutingRequest(len(prompt))
         if self.index is not None and workers:
-            hashes = entry.context.get("block_hashes")
-            if hashes is None:
-                size = workers[0].block_size
-                usable = (len(prompt) - 1) // size * size  # the last token is always computed
-                hashes = entry.context["block_hashes"] = hash_request_blocks(prompt[:usable], size)
-            request.cached_blocks = self.index.longest_prefixes(hashes, [w.key for w in workers])
+            hashes = self._block_hashes(entry, workers[0].block_size)
+            keys = [w.key for w in workers]
+            published = self.index.longest_prefixes(hashes, keys)
+            recent = self.recent.longest_prefixes(hashes, keys)
+            request.cached_blocks = {k: max(published[k], recent[k]) for k in keys}
         return request
+
+    @staticmethod
+    def _block_hashes(entry: QueuedRequest, block_size: int) -> list[int]:
+        hashes = entry.context.get("block_hashes")
+        if hashes is None:
+            prompt = entry.token_ids
+            usable = (len(prompt) - 1) // block_size * block_size  # the last token is always computed
+            hashes = entry.context["block_hashes"] = hash_request_blocks(prompt[:usable], block_size)
+        return hashes
 
     def _dispatch(self, entry: QueuedRequest, queued: bool) -> bool:
         """Send the request (the queue's head when queued) to a worker; False when none can
@@ -113,6 +123,10 @@ class Dispatcher:
         if prefill is not None:
             entry.context["uncached_on"] = {prefill.worker_id: request.uncached_tokens(prefill)}
         blocks = self._blocks_needed(decode, request)
+        if self.index is not None:  # both will cache the prompt: the decode worker receives it all
+            hashes = self._block_hashes(entry, decode.block_size)
+            for worker in (decode, prefill) if plan.remote else (decode,):
+                self.recent.record(worker.key, hashes)
         if queued:
             self.queue.pop()
         decode.pending_admissions += 1

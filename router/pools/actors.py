@@ -21,19 +21,20 @@ def actor_name(cluster_name: str, worker_id: str) -> str:
     return f"{cluster_name}/{worker_id}"
 
 
-def actor_options(role: str, cluster: dict, ray_gpus: bool) -> dict:
+def actor_options(role: str, cluster: dict, ray_gpus: bool, pin: str = "auto") -> dict:
     """Resource requests: a GPU when the cluster has them, and the pool's custom resource
-    (`prefill` / `decode`) when nodes advertise it, so pools can be pinned to node types."""
+    (`prefill` / `decode`) when nodes advertise it (pin "auto") or always (pin "always": the
+    worker waits until such a node joins), so pools can be pinned to node types."""
     pool_resource = "prefill" if role == "prefill" else "decode"
     options: dict[str, Any] = {"num_cpus": 1, "max_concurrency": 10_000}
     if ray_gpus:
         options["num_gpus"] = 1
-    if pool_resource in cluster:
+    if pin == "always" or (pin == "auto" and pool_resource in cluster):
         options["resources"] = {pool_resource: 1}
     return options
 
 
-def create_actor(spec: WorkerSpec, cluster: dict, ray_gpus: bool):
+def create_actor(spec: WorkerSpec, cluster: dict, ray_gpus: bool, pin: str = "auto"):
     import ray
 
     from decode_worker import DecodeWorker
@@ -42,7 +43,7 @@ def create_actor(spec: WorkerSpec, cluster: dict, ray_gpus: bool):
     cls = PrefillWorker if spec.role == "prefill" else DecodeWorker
     return ray.remote(cls).options(
         name=spec.actor_name, namespace=RAY_NAMESPACE, lifetime="detached", max_restarts=-1,
-        max_task_retries=0, **actor_options(spec.role, cluster, ray_gpus)).remote(spec)
+        max_task_retries=0, **actor_options(spec.role, cluster, ray_gpus, pin)).remote(spec)
 
 
 def find_actor(name: str):

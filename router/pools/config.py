@@ -21,6 +21,10 @@ class PoolConfig:
     publish_interval_s: float = 0.1  # workers publish load and KV events at least this often
     router_lease_s: float = 10.0  # workers abort the requests of a router silent this long
     calibrate: bool = True  # workers time a prefill and a few decode steps at start
+    # Pin each pool to nodes advertising its Ray resource (`prefill` / `decode`): "auto" when some
+    # node advertises it when the pools are created, "always" (workers wait for such nodes, e.g.
+    # while an autoscaler brings them up), "never".
+    pin_pools: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -33,6 +37,8 @@ class PoolConfig:
             raise ValueError(f"kv_push must be 'auto', 'chunk' or 'layer', got {self.kv_push!r}")
         if not 0 < self.registry_ttl_s <= 5:
             raise ValueError(f"the registry lease must be in (0, 5] seconds, got {self.registry_ttl_s}")
+        if self.pin_pools not in ("auto", "always", "never"):
+            raise ValueError(f"pin_pools must be 'auto', 'always' or 'never', got {self.pin_pools!r}")
         if not 0 < self.publish_interval_s < self.registry_ttl_s:
             raise ValueError("the publish interval must be positive and shorter than the registry lease")
 

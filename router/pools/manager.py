@@ -123,7 +123,7 @@ class WorkerPools:
         await asyncio.gather(*(remove_orphan(spec.actor_name) for spec in specs))
         cluster = ray.cluster_resources()
         gpus = cluster.get("GPU", 0) > 0
-        actors = {spec.worker_id: create_actor(spec, cluster, gpus) for spec in specs}
+        actors = {spec.worker_id: create_actor(spec, cluster, gpus, self.config.pin_pools) for spec in specs}
         self.spec = PoolSpec(mode=self.config.mode, model=self.decode_engine.model,
                              workers={spec.worker_id: spec.actor_name for spec in specs},
                              created_by=self.context.router_id, created_at=time.time(),
