@@ -18,9 +18,11 @@ class LoadReport(JsonRecord):
     num_free_blocks: int = 0
     num_blocks: int = 0
     queued_prefill_tokens: int = 0  # prompt tokens admitted here and not computed yet
+    max_num_batched_tokens: int = 512  # a prefill here runs in chunks of at most this many tokens
     # Fitted step cost: a step computing P prefill tokens and D decode rows takes about
-    # step_base_s + P * prefill_s_per_token + D * decode_s_per_seq seconds.
+    # step_base_s + (mixed_step_s if P else 0) + P * prefill_s_per_token + D * decode_s_per_seq.
     step_base_s: float = 0.0
+    mixed_step_s: float = 0.0
     prefill_s_per_token: float = 0.0
     decode_s_per_seq: float = 0.0
     step_samples: int = 0  # steps the fit has seen

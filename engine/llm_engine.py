@@ -112,20 +112,22 @@ class LLMEngine:
             num_waiting=len(scheduler.waiting), num_waiting_for_kv=scheduler.num_waiting_for_kv,
             num_unfinished=scheduler.num_unfinished, max_num_seqs=self.config.scheduler.max_num_seqs,
             num_free_blocks=self.kv_manager.num_free_blocks, num_blocks=self.kv_manager.num_blocks,
-            queued_prefill_tokens=queued, step_base_s=fit.base_s,
-            prefill_s_per_token=fit.prefill_s_per_token, decode_s_per_seq=fit.decode_s_per_seq,
-            step_samples=fit.samples)
+            queued_prefill_tokens=queued, max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
+            step_base_s=fit.base_s, mixed_step_s=fit.mixed_step_s, prefill_s_per_token=fit.prefill_s_per_token,
+            decode_s_per_seq=fit.decode_s_per_seq, step_samples=fit.samples)
 
     def calibrate(self, num_prompt_tokens: int = 128, num_decode_steps: int = 4) -> None:
-        """Seed the step-cost fit with a real prefill and a few decode steps of this machine
-        (and warm the kernels), then forget the request: the prefix cache and its stats are
-        reset, so a fresh engine stays fresh. Call before any request arrives."""
+        """Seed the step-cost fit with real prefills of two lengths and a few decode steps of
+        this machine (and warm the kernels), then forget the requests: the prefix cache and its
+        stats are reset, so a fresh engine stays fresh. Call before any request arrives."""
         vocab = self.loaded.config.vocab_size
-        length = max(2, min(num_prompt_tokens, self.max_model_len - num_decode_steps - 1,
+        length = max(8, min(num_prompt_tokens, self.max_model_len - num_decode_steps - 1,
                             self.config.scheduler.max_num_batched_tokens))
         params = SamplingParams(max_tokens=num_decode_steps, temperature=0.0, ignore_eos=True)
-        for round_ in range(2):  # the first round warms up; only the second is observed
-            prompt = [(7919 * i + round_) % vocab for i in range(length)]
+        # The first round warms up; the other two are observed. Two prompt lengths tell a
+        # step's fixed cost of holding prefill tokens from their per-token cost.
+        for round_, tokens in enumerate((length, length, length // 4)):
+            prompt = [(7919 * i + round_) % vocab for i in range(tokens)]
             self.add_request(prompt, params, f"calibration-{round_}")
             while self.has_unfinished_requests():
                 self.step()

@@ -155,3 +155,19 @@ def test_recent_routes_count_as_cached_until_they_expire():
     assert recent.longest_prefixes([11, 12], [("prefill-0", 1)]) == {("prefill-0", 1): 0}
     now[0] += 11.0
     assert recent.longest_prefixes([21, 22], [("prefill-0", 1)]) == {("prefill-0", 1): 0}
+
+
+def test_a_local_prefill_pays_for_slowing_every_decode_step_it_joins():
+    """Where a step that carries prefill tokens costs much more than a decode-only one (a CPU:
+    torch instead of the native decode call), even a short prompt is sent out once a few
+    requests decode on the worker, and kept when none does."""
+    policy = DisaggregationPolicy("auto")
+    prefill = worker("prefill", 0)
+    busy, idle = worker("decode", 0, running=4), worker("decode", 1, running=0)
+    for w in (busy, idle, prefill):
+        w.load = LoadReport(**{**w.load.__dict__, "mixed_step_s": 0.15, "max_num_batched_tokens": 256})
+    assert policy.plan(RoutingRequest(24), busy, prefill).remote
+    assert not policy.plan(RoutingRequest(24), idle, prefill).remote
+    # 600 tokens in chunks of 256: three mixed steps for each of the 4 decoding requests.
+    from router.routing.cost import decode_slowdown_s
+    assert decode_slowdown_s(busy, 600) == pytest.approx(4 * (600 * 0.001 + 3 * 0.15))

@@ -23,23 +23,32 @@ def queued_prefill_s(worker: WorkerHandle) -> float:
     return worker.queued_prefill_tokens * prefill_s_per_token(worker)
 
 
+def prefill_chunks(worker: WorkerHandle, tokens: int) -> int:
+    return -(-tokens // max(1, worker.load.max_num_batched_tokens)) if tokens else 0
+
+
 def prefill_s(worker: WorkerHandle, tokens: int) -> float:
-    """A prefill of `tokens` in steps of its own (a prefill worker's)."""
-    return tokens * prefill_s_per_token(worker) + (worker.load.step_base_s if tokens else 0.0)
+    """A prefill of `tokens` in steps of its own (a prefill worker's, an idle decode worker's):
+    each chunk pays a step's fixed cost and the cost of holding prefill tokens."""
+    step = worker.load.step_base_s + worker.load.mixed_step_s
+    return tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * step
 
 
 def marginal_prefill_s(worker: WorkerHandle, tokens: int) -> float:
-    """A prefill of `tokens` joining steps the worker runs anyway (a decode worker's): the step's
-    fixed cost is already paid by the decodes."""
+    """A prefill of `tokens` joining steps the worker runs anyway (a busy decode worker's): the
+    step's fixed cost is already paid by the decodes; what a step with prefill tokens costs more
+    than a decode-only one is not."""
     if worker.load.num_running == 0:
         return prefill_s(worker, tokens)
-    return tokens * prefill_s_per_token(worker)
+    return tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * worker.load.mixed_step_s
 
 
 def decode_slowdown_s(worker: WorkerHandle, tokens: int) -> float:
     """Total delay a local prefill of `tokens` adds to the requests decoding on the worker: each
-    of them waits for the prefill chunks that its steps now share the worker with."""
-    return worker.load.num_running * tokens * prefill_s_per_token(worker)
+    of them waits, in every step that carries a chunk of it, for that chunk's tokens and for what
+    a step with prefill tokens costs more than a decode-only one."""
+    per_request = tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * worker.load.mixed_step_s
+    return worker.load.num_running * per_request
 
 
 def transfer_s(prefill: WorkerHandle, decode: WorkerHandle, tokens: int) -> float:
