@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import sys
 
@@ -25,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpc  # noqa: E402
 
-from bench.grpc_load import greedy, percentile, poisson_load, summary_ms, timed_stream  # noqa: E402
+from bench.grpc_load import device_description, write_report, greedy, percentile, poisson_load, summary_ms, timed_stream  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.loader import resolve_model_path  # noqa: E402
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -138,15 +136,12 @@ def main(argv=None) -> int:
                                                          "low_rate", "high_rate", "low_requests", "high_requests",
                                                          "torch_threads", "seed")},
               "model": os.path.basename(args.model),
-              "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "device": device_description(),
               "results": results}
     if {"auto", "always", "never"} <= set(modes):
         report["auto_vs_best_of_others"] = verdicts(results, ["low", "high"])
     print_table(report)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    log(f"wrote {args.out}")
+    write_report(args.out, report, log)
     return 0
 
 

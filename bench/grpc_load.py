@@ -96,3 +96,21 @@ def summary_ms(values: list[float]) -> dict:
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
     return {"mean": round(1000 * statistics.fmean(values), 1), "p50": round(1000 * percentile(values, 50), 1),
             "p90": round(1000 * percentile(values, 90), 1), "p99": round(1000 * percentile(values, 99), 1)}
+
+
+def device_description() -> str:
+    import os
+    import platform
+
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def write_report(path: str, report: dict, log) -> None:
+    """The JSON of a run, next to the others in bench/results/."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    log(f"wrote {path}")

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import sys
 import time
@@ -29,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpc  # noqa: E402
 
-from bench.grpc_load import closed_loop, greedy, summary_ms  # noqa: E402
+from bench.grpc_load import device_description, write_report, closed_loop, greedy, summary_ms  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.loader import resolve_model_path  # noqa: E402
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -128,17 +126,14 @@ def main(argv=None) -> int:
                                                          "output_tokens", "kv_cache_gb", "torch_threads",
                                                          "disaggregation", "seed")},
               "model": os.path.basename(args.model),
-              "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "device": device_description(),
               "results": results}
     base = next((r for r in results if r["policy"] == "round_robin"), None)
     for r in results:
         if base is not None and r["ttft_ms"]["mean"]:
             r["mean_ttft_vs_round_robin"] = round(base["ttft_ms"]["mean"] / r["ttft_ms"]["mean"], 2)
     print_table(report)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    log(f"wrote {args.out}")
+    write_report(args.out, report, log)
     return 0
 
 

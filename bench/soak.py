@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpc  # noqa: E402
 
-from bench.grpc_load import greedy  # noqa: E402
+from bench.grpc_load import greedy, write_report  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.loader import resolve_model_path  # noqa: E402
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -164,10 +164,7 @@ def main(argv=None) -> int:
                   "baseline_after_s": round(time.monotonic() - began, 1), "at_baseline": workers_idle(final)
                   and server.backend.stats()["streams"] == 0, "clients_hung": hung_clients}
     print(json.dumps(report, indent=2))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    log(f"wrote {args.out}")
+    write_report(args.out, report, log)
     bad = {k: v for k, v in tally.counts.items() if k not in ("completed", "cancelled", "deadline")}
     return 0 if report["at_baseline"] and not bad and not hung_clients else 1
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 
-from bench.grpc_load import greedy  # noqa: E402
+from bench.grpc_load import greedy, write_report  # noqa: E402
 from cluster_state.server import free_port  # noqa: E402
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 from tests.cluster_helpers import router_process_command, wait_for_serving  # noqa: E402
@@ -127,9 +127,7 @@ def main(argv=None) -> int:
     report = {"streams": args.streams, "output_tokens": args.output_tokens, "model": os.path.basename(model),
               "router_before": before, "rounds": rounds}
     print(json.dumps(report, indent=2))
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    log(f"wrote {args.out}")
+    write_report(args.out, report, log)
     lost = sum(r["outcomes"].get("lost", 0) + r["outcomes"].get("error", 0) for r in rounds)
     return 1 if lost else 0
 

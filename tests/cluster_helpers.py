@@ -52,6 +52,15 @@ def pdserve_command() -> list[str]:
     return [script] if script else router_process_command()
 
 
+def stop_process(process: subprocess.Popen, log=None) -> None:
+    """Kill a process a test started if it is still running, and close its log."""
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
+    if log is not None:
+        log.close()
+
+
 def router_process_command() -> list[str]:
     """`pdserve` as one Python process whose pid is the router's own (an installed script can be
     a wrapper, e.g. a pyenv shim, that runs the router as a child): for tests that kill it."""

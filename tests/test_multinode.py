@@ -4,7 +4,6 @@ resources). Workers land on their pinned nodes, the pair moves KV with torch.dis
 greedy outputs equal engine.LLM, and every socket a worker listens on is on its own node's address."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 
@@ -14,7 +13,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-from tests.cluster_helpers import collect, greedy_request, live_workers, router_process_command, wait_for_serving
+from tests.cluster_helpers import stop_process, collect, greedy_request, live_workers, router_process_command, wait_for_serving
 from tests.ray_nodes import RayNode, pdserve_env
 
 pytestmark = pytest.mark.slow
@@ -71,7 +70,4 @@ def test_workers_on_their_nodes_move_kv_over_torch_distributed(tmp_path, nodes, 
         router.send_signal(signal.SIGINT)
         assert router.wait(timeout=120) == 0
     finally:
-        if router.poll() is None:
-            router.kill()
-            router.wait()
-        log.close()
+        stop_process(router, log)

@@ -13,7 +13,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-from tests.cluster_helpers import live_workers, collect, greedy_request, router_process_command, wait_for_serving
+from tests.cluster_helpers import stop_process, live_workers, collect, greedy_request, router_process_command, wait_for_serving
 from tests.ray_nodes import RayNode, pdserve_env
 
 pytestmark = pytest.mark.slow
@@ -97,11 +97,8 @@ def test_a_second_router_attaches_and_survives_the_first_ones_death(
         assert router_b.wait(timeout=120) == 0
         assert live_workers(redis_server.url, cluster_name) == {}
     finally:
-        for router in (router_a, router_b):
-            if router is not None and router.poll() is None:
-                router.kill()
-                router.wait()
-        log_a.close()
+        stop_process(router_a, log_a)
+        stop_process(router_b)
 
 
 def test_pdserve_down_stops_the_pools_a_killed_router_left_behind(
@@ -132,7 +129,4 @@ def test_pdserve_down_stops_the_pools_a_killed_router_left_behind(
         router.send_signal(signal.SIGINT)
         assert router.wait(timeout=120) == 0
     finally:
-        if router.poll() is None:
-            router.kill()
-            router.wait()
-        log.close()
+        stop_process(router, log)
