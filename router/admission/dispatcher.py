@@ -120,6 +120,10 @@ class Dispatcher:
         decode = self.policy.choose(candidates, request)
         prefill = self.policy.choose(prefill_workers, request) if prefill_workers else None
         plan = self.disaggregation.plan(request, decode, prefill)
+        if prefill is None and self.disaggregation.mode == "always":
+            logger.warning("no prefill worker is routable (%d known); %s is prefilled on %s itself",
+                           len(self.view.of_role("prefill", routable_only=False)), entry.request_id,
+                           decode.name)
         if prefill is not None:
             entry.context["uncached_on"] = {prefill.worker_id: request.uncached_tokens(prefill)}
         blocks = self._blocks_needed(decode, request)
