@@ -113,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from router.cluster_backend import RoutingConfig
     from router.pools import PoolConfig
+    from router.security.flags import limits_from_args, security_from_args
     from router.serve import ServeConfig, serve
 
     configure_logging()
@@ -131,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             routing=RoutingConfig(policy=args.routing_policy, disaggregation=args.disaggregation,
                                   max_queued_requests=args.max_queued_requests),
             host=args.host, grpc_port=args.grpc_port, ray_address=args.ray_address,
-            redis_url=args.redis_url, cluster_name=args.cluster_name, join=args.join)
+            redis_url=args.redis_url, cluster_name=args.cluster_name, join=args.join,
+            security=security_from_args(args), limits=limits_from_args(args))
     except (TypeError, ValueError) as err:
         print(f"pdserve serve: {err}", file=sys.stderr)
         return 2
@@ -235,6 +237,9 @@ def add_serve_parser(sub) -> None:
                    help="attach to the worker pools an earlier router of this cluster created, "
                         "and fail if there are none (without it a router attaches when pools "
                         "exist and creates them otherwise)")
+    from router.security.flags import add_security_flags
+
+    add_security_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
 

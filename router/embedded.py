@@ -14,7 +14,7 @@ import grpc
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from router.grpc_server import GrpcServer
 from router.health import follow_health
-from router.serve import ServeConfig, init_ray, load_tokenizer, running_cluster
+from router.serve import ServeConfig, front_door_gatekeeper, init_ray, load_tokenizer, running_cluster
 
 
 class EmbeddedCluster:
@@ -70,7 +70,8 @@ class EmbeddedCluster:
         try:
             tokenizer = await asyncio.to_thread(load_tokenizer, self.config.engine.model)
             async with running_cluster(self.config) as backend:
-                server = GrpcServer(backend, tokenizer, "127.0.0.1", 0)
+                server = GrpcServer(backend, tokenizer, "127.0.0.1", 0,
+                                    front_door_gatekeeper(self.config, backend))
                 self.backend, self.port = backend, await server.start()
                 await server.set_serving(backend.can_serve())
                 health = asyncio.get_running_loop().create_task(

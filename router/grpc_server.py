@@ -22,9 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2 as pb
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-from router.backend import BackendError, GenerationBackend, QueueFullError, RequestTooLargeError
+from router.backend import BackendError, GenerationBackend, QueueFullError, RequestTooLargeError, TokenDelta
 from router.convert import FinalStats, GenerateInput, InvalidArgument, from_proto, to_proto
+from router.security import Gatekeeper, RateLimited
+from router.security.grpc_auth import ApiKeyInterceptor, metadata_value
 from router.streaming import TextStream
+from router.takeover import ResumeError, take_over
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +42,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     add_generation_prompt=True) -> ids, vocab_size, and whatever engine.detokenizer needs.
     """
 
-    def __init__(self, backend: GenerationBackend, tokenizer: Any) -> None:
+    def __init__(self, backend: GenerationBackend, tokenizer: Any, gatekeeper: Gatekeeper | None = None) -> None:
         self._backend = backend
         self._tokenizer = tokenizer
+        self._gate = gatekeeper or Gatekeeper()  # API keys are checked before: ApiKeyInterceptor
         self._active_ids: set[str] = set()  # request ids with a stream open on this servicer
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
@@ -55,6 +59,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # in this coroutine (at a write or while waiting on the backend), so the abort below
         # always runs, instead of in grpc's own task while a generator sits suspended.
         admitted_at = time.monotonic()
+        peer = context.peer()
+        if not self._gate.streams.try_open(peer):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._gate.streams.refusal(peer))
+        try:
+            if request.HasField("resume_from"):
+                await self._resume(request, context, admitted_at)
+            else:
+                await self._generate(request, context, admitted_at)
+        finally:
+            self._gate.streams.close(peer)
+
+    async def _generate(self, request: pb.GenerateRequest, context: Any, admitted_at: float) -> None:
         try:
             request_id, prompt_ids, params, priority = self._admit(request)
         except InvalidArgument as exc:
@@ -64,17 +80,68 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             logger.exception("admitting a request failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"tokenization failed: {exc}")
             return
+        grant = await self._charge(context, len(prompt_ids), params.max_tokens)
+        stream = TextStream(self._tokenizer, prompt_ids, params)
+        try:
+            await self._relay(request_id, prompt_ids, params, priority, context, admitted_at, stream)
+        finally:
+            await self._gate.quota.give_back(grant, stream.num_output_tokens)
+
+    async def _relay(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int,
+                     context: Any, admitted_at: float, stream: TextStream, deltas: Any = None) -> None:
         if request_id in self._active_ids:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already streaming"
             )
         self._active_ids.add(request_id)
         try:
-            failure = await self._stream(request_id, prompt_ids, params, priority, context, admitted_at)
+            failure = await self._stream(request_id, prompt_ids, params, priority, context, admitted_at,
+                                         stream, deltas)
         finally:
             self._active_ids.discard(request_id)
         if failure is not None:
             await context.abort(*failure)
+
+    async def _charge(self, context: Any, prompt_tokens: int, max_tokens: int):
+        """Take the request's share of its key's rate limits; RESOURCE_EXHAUSTED with a
+        `retry-after` (seconds) in the trailing metadata when it is over them."""
+        if not self._gate.quota.enabled:
+            return None
+        client = self._gate.client_id(metadata_value(context.invocation_metadata(), "authorization"),
+                                      context.peer().rsplit(":", 1)[0])
+        try:
+            return await self._gate.quota.take(client, prompt_tokens, max_tokens)
+        except RateLimited as exc:
+            retry = exc.retry_after_header
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                (("retry-after", retry),) if retry else ())
+
+    # --- resuming a stream another router began -------------------------------------------
+    async def _resume(self, request: pb.GenerateRequest, context: Any, admitted_at: float) -> None:
+        """Continue a journaled stream from the client's `resume_from` tokens on."""
+        request_id, resume_from = request.request_id, request.resume_from
+        if not request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required with resume_from")
+        if resume_from < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"resume_from: must be at least 0, got {resume_from}")
+        if getattr(self._backend, "journal", None) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "resume_from: this router keeps no request journal")
+        try:
+            resumed = await take_over(self._backend, getattr(self._backend, "routers", None),
+                                      request_id, resume_from)
+        except ResumeError as exc:
+            await context.abort(_RESUME_CODES[exc.code], f"resume_from: {exc}")
+            return
+        stream = TextStream(self._tokenizer, resumed.prompt_token_ids, resumed.params)
+        # The client has these tokens; replaying them puts the detokenizer and the stop-string
+        # matcher where the dead router left them, text held back included.
+        stream.process(TokenDelta(request_id, tuple(resumed.delivered)))
+        if stream.finished:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"resume_from: the stream ended at a "
+                                f"stop string within its first {resume_from} tokens")
+        await self._relay(request_id, resumed.prompt_token_ids, resumed.params, 0, context, admitted_at,
+                          stream, resumed.deltas)
 
     # --- admission ----------------------------------------------------------------------
     def _admit(self, request: pb.GenerateRequest) -> tuple[str, list[int], SamplingParams, int]:
@@ -84,6 +151,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         prompt_ids = self._tokenize(checked)
         self._check_token_range("sampling_params.stop_token_ids", checked.params.stop_token_ids)
         params = self._fit_context(checked, len(prompt_ids))
+        self._gate.limits.check_params(params)
+        self._gate.limits.check_prompt_tokens(len(prompt_ids), checked.input_field)
         return checked.request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params, checked.priority
 
     def _check_model(self, model: str) -> None:
@@ -148,18 +217,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         priority: int,
         context: Any,
         admitted_at: float,
+        stream: TextStream,
+        deltas: Any = None,
     ) -> Failure | None:
         """Relay backend deltas to the client; returns the failure to report, if any.
 
         Invariant: when this returns or raises, the backend holds nothing for the request —
         either it finished on its own, refused it, or abort() was called.
         """
-        stream = TextStream(self._tokenizer, prompt_ids, params)
         held_by_backend = True
         first_token_at: float | None = None
-        deltas = None
         try:
-            deltas = self._backend.generate(request_id, prompt_ids, params, priority)
+            if deltas is None:
+                deltas = self._backend.generate(request_id, prompt_ids, params, priority)
             async for delta in deltas:
                 if first_token_at is None and delta.new_token_ids:
                     first_token_at = time.monotonic()
@@ -202,6 +272,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             logger.exception("aborting request %s on the backend failed", request_id)
 
 
+_RESUME_CODES = {"not_found": grpc.StatusCode.NOT_FOUND, "out_of_range": grpc.StatusCode.OUT_OF_RANGE,
+                 "still_running": grpc.StatusCode.UNAVAILABLE}
+
+
 def _final_stats(
     prompt_tokens: int, stream: TextStream, admitted_at: float, first_token_at: float | None
 ) -> FinalStats:
@@ -233,16 +307,19 @@ class GrpcServer:
     """
 
     def __init__(
-        self, backend: GenerationBackend, tokenizer: Any, host: str = "0.0.0.0", port: int = 50051
+        self, backend: GenerationBackend, tokenizer: Any, host: str = "0.0.0.0", port: int = 50051,
+        gatekeeper: Gatekeeper | None = None,
     ) -> None:
         self._address = f"{host}:{port}"
-        # SO_REUSEPORT off: a second router on the same port must fail to bind, not silently
-        # share the port with the first one.
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._gate = gatekeeper or Gatekeeper()
+        open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)
+        self._server = grpc.aio.server(options=server_options(self._gate),
+                                       interceptors=[ApiKeyInterceptor(self._gate.keys, open_services)])
         self._health = health.aio.HealthServicer()
         self._tokenizer = tokenizer
         self.port: int | None = None  # the bound port, known after start()
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(backend, tokenizer), self._server)
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(backend, tokenizer, self._gate),
+                                                 self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -251,7 +328,10 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and start; returns the port (useful with port 0, which picks a free one)."""
         try:
-            self.port = self._server.add_insecure_port(self._address)
+            if self._gate.tls is None:
+                self.port = self._server.add_insecure_port(self._address)
+            else:
+                self.port = self._server.add_secure_port(self._address, self._gate.tls.grpc_credentials())
         except RuntimeError as exc:
             raise RuntimeError(f"cannot listen on {self._address}: {exc}") from exc
         await self.set_serving(False)
@@ -259,7 +339,8 @@ class GrpcServer:
         # cached); build one now so that cost is not billed to the first request's TTFT.
         TextStream(self._tokenizer, [], SamplingParams())
         await self._server.start()
-        logger.info("gRPC server listening on %s (port %d)", self._address, self.port)
+        logger.info("gRPC server listening on %s (port %d)%s", self._address, self.port,
+                    "" if self._gate.tls is None else " with mutual TLS" if self._gate.tls.mutual else " with TLS")
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
@@ -280,6 +361,21 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
 
+def server_options(gate: Gatekeeper) -> list[tuple[str, int]]:
+    limits = gate.limits
+    return [
+        # SO_REUSEPORT off: a second router on the same port must fail to bind, not silently
+        # share the port with the first one.
+        ("grpc.so_reuseport", 0),
+        # A bigger message is refused by gRPC itself with RESOURCE_EXHAUSTED naming both sizes.
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        # HTTP/2's own cap sits above the servicer's, which refuses the stream past the limit with
+        # a message (at HTTP/2's cap a client's extra streams would wait, not fail); the headroom
+        # leaves health checks and ListModels through.
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection + 16),
+    ]
+
+
 async def serve_grpc(
     backend: GenerationBackend,
     tokenizer: Any,
@@ -287,6 +383,7 @@ async def serve_grpc(
     port: int = 50051,
     grace: float = 5.0,
     on_started: Callable[[int], None] | None = None,
+    gatekeeper: Gatekeeper | None = None,
 ) -> None:
     """Serve until cancelled, then stop gracefully. The backend must already be ready.
 
@@ -295,7 +392,7 @@ async def serve_grpc(
     """
     from router.health import follow_health
 
-    server = GrpcServer(backend, tokenizer, host, port)
+    server = GrpcServer(backend, tokenizer, host, port, gatekeeper)
     await server.start()
     await server.set_serving(True)
     health = None

@@ -31,7 +31,9 @@ from cluster_state.secret import ensure_cluster_secret, restore_cluster_secret
 from cluster_state.server import PrivateRedis
 from engine.config import EngineConfig
 from router.cluster_backend import ClusterBackend, RoutingConfig
+from router.limits import RequestLimits
 from router.pools import ClusterContext, ClusterStartError, ClusterView, PoolConfig, WorkerPools
+from router.security import Gatekeeper, SecurityConfig, TlsError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class ServeConfig:
     cluster_name: str = DEFAULT_CLUSTER_NAME
     join: bool = False  # attach to existing pools only; never create them
     router_id: str = field(default_factory=lambda: f"router-{uuid.uuid4().hex[:8]}")
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # API keys, rate limits, TLS
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
         if self.decode_engine is not None and self.decode_engine.model != self.engine.model:
@@ -155,7 +159,8 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
                     redis, keys, lambda: [w.key for w in view.workers.values() if w.registered])
                 tasks += [asyncio.create_task(view.run()), asyncio.create_task(follower.run())]
                 journal = RequestJournal(redis, keys, config.router_id)
-                backend = ClusterBackend(pools, view, follower, config.routing, config.router_id, journal)
+                backend = ClusterBackend(pools, view, follower, config.routing, config.router_id, journal,
+                                         routers=routers)
                 await backend.start()
                 try:
                     yield backend
@@ -221,6 +226,12 @@ async def serve(config: ServeConfig) -> int:
         log(f"error: cannot listen on {config.host}:{config.grpc_port}: {err.strerror or err}")
         return 1
     try:
+        if config.security.tls is not None:
+            config.security.tls.load()  # fail now, not after loading the model
+    except TlsError as err:
+        log(f"error: {err}")
+        return 1
+    try:
         async with running_cluster(config) as backend:
             spec = backend.pools.spec
             if not backend.pools.created:
@@ -233,13 +244,19 @@ async def serve(config: ServeConfig) -> int:
                 loop.add_signal_handler(sig, task.cancel)
             try:
                 await serve_grpc(backend, tokenizer, config.host, config.grpc_port,
-                                 on_started=lambda port: log(f"serving gRPC on {config.host}:{port}"))
+                                 on_started=lambda port: log(f"serving gRPC on {config.host}:{port}"),
+                                 gatekeeper=front_door_gatekeeper(config, backend))
             except asyncio.CancelledError:
                 log("shutting down")
     except (ClusterStartError, RuntimeError) as err:
         log(f"error: {err}")
         return 1
     return 0
+
+
+def front_door_gatekeeper(config: ServeConfig, backend: ClusterBackend) -> Gatekeeper:
+    """The router's API keys, rate limits (buckets in the cluster's Redis), limits and TLS."""
+    return Gatekeeper.build(config.security, config.limits, backend.routers.redis, backend.routers.keys)
 
 
 def check_port_free(host: str, port: int) -> None:
