@@ -24,6 +24,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from router.backend import BackendError, GenerationBackend, QueueFullError, RequestTooLargeError, TokenDelta
 from router.convert import FinalStats, GenerateInput, InvalidArgument, from_proto, to_proto
+from router.grpc_decode import DecodeGuardInterceptor, request_types
 from router.security import Gatekeeper, RateLimited
 from router.security.grpc_auth import ApiKeyInterceptor, metadata_value
 from router.streaming import TextStream
@@ -313,8 +314,9 @@ class GrpcServer:
         self._address = f"{host}:{port}"
         self._gate = gatekeeper or Gatekeeper()
         open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)
-        self._server = grpc.aio.server(options=server_options(self._gate),
-                                       interceptors=[ApiKeyInterceptor(self._gate.keys, open_services)])
+        interceptors = [ApiKeyInterceptor(self._gate.keys, open_services),
+                        DecodeGuardInterceptor(request_types(pb.DESCRIPTOR.services_by_name["Generation"], pb))]
+        self._server = grpc.aio.server(options=server_options(self._gate), interceptors=interceptors)
         self._health = health.aio.HealthServicer()
         self._tokenizer = tokenizer
         self.port: int | None = None  # the bound port, known after start()

@@ -1,0 +1,17 @@
+"""How many fuzz cases each front door ran, printed at the end of the pytest run."""
+from __future__ import annotations
+
+from collections import Counter
+
+CASES: Counter[str] = Counter()
+
+
+def count(kind: str) -> None:
+    CASES[kind] += 1
+
+
+def summary_line() -> str | None:
+    if not CASES:
+        return None
+    parts = ", ".join(f"{kind} {n}" for kind, n in sorted(CASES.items()))
+    return f"fuzz cases run: {sum(CASES.values())} ({parts}); every one refused cleanly or served"
