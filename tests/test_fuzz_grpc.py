@@ -23,7 +23,7 @@ from router.limits import RequestLimits
 from router.pools import PoolConfig
 from router.serve import ServeConfig
 from tests.cluster_helpers import collect, greedy_request
-from tests.fuzz_report import count
+from tests.fuzz_report import count, outcome
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,12 @@ def check_outcome(call) -> None:
     try:
         responses = list(call)
     except grpc.RpcError as err:
+        outcome(err.code().name)
         pattern = ALLOWED.get(err.code())
         assert pattern is not None, f"{err.code().name}: {err.details()}"
         assert pattern.search(err.details() or ""), f"{err.code().name}: {err.details()!r} names no field"
         return
+    outcome("OK")
     assert responses and responses[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
 
 
@@ -169,6 +171,7 @@ def test_invalid_utf8_in_any_string_field_is_named(server, target, bad, prefix) 
     raw = (prefix if target != "prompt" else b"") + UTF8_TARGETS[target](bad)
     with pytest.raises(grpc.RpcError) as info:
         list(raw_call(channel)(raw, timeout=DEADLINE_S))
+    outcome(info.value.code().name)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == f"{target}: not valid UTF-8"
 
