@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
-from router.convert import InvalidArgument
+from router.intake import GRPC_FIELDS, FieldNames, InvalidArgument
 
 MIB = 2**20
 
@@ -38,20 +38,20 @@ class RequestLimits:
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
 
-    def check_params(self, params: SamplingParams, prefix: str = "sampling_params.") -> None:
-        """Raise InvalidArgument naming the field (`prefix` + name) past its limit."""
+    def check_params(self, params: SamplingParams, names: FieldNames = GRPC_FIELDS) -> None:
+        """Raise InvalidArgument naming the field (in the front door's words) past its limit."""
         if len(params.stop) > self.max_stop_strings:
-            raise InvalidArgument(f"{prefix}stop", f"{len(params.stop)} stop strings; at most "
-                                                   f"{self.max_stop_strings} (--max-stop-strings)")
+            raise InvalidArgument(names.stop, f"{len(params.stop)} stop strings; at most "
+                                              f"{self.max_stop_strings} (--max-stop-strings)")
         for i, stop in enumerate(params.stop):
             if len(stop) > self.max_stop_string_chars:
-                raise InvalidArgument(f"{prefix}stop[{i}]", f"{len(stop)} characters; at most "
+                raise InvalidArgument(f"{names.stop}[{i}]", f"{len(stop)} characters; at most "
                                       f"{self.max_stop_string_chars} (--max-stop-string-chars)")
         if len(params.stop_token_ids) > self.max_stop_token_ids:
-            raise InvalidArgument(f"{prefix}stop_token_ids", f"{len(params.stop_token_ids)} ids; at "
+            raise InvalidArgument(names.stop_token_ids, f"{len(params.stop_token_ids)} ids; at "
                                   f"most {self.max_stop_token_ids} (--max-stop-token-ids)")
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise InvalidArgument(f"{prefix}logprobs", f"{params.logprobs} top logprobs asked; at "
+            raise InvalidArgument(names.logprobs, f"{params.logprobs} top logprobs asked; at "
                                   f"most {self.max_logprobs} (--max-logprobs)")
 
     def check_prompt_tokens(self, num_tokens: int, field: str) -> None:

@@ -33,7 +33,7 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 @contextlib.asynccontextmanager
 async def server_with(gate: Gatekeeper, backend: FakeBackend | None = None):
-    server = GrpcServer(backend or FakeBackend(), FakeTokenizer(), "127.0.0.1", 0, gate)
+    server = GrpcServer(backend or FakeBackend(), FakeTokenizer(), "127.0.0.1", 0, gatekeeper=gate)
     port = await server.start()
     await server.set_serving(True)
     try:

@@ -4,7 +4,7 @@ Step 1 of a request's life (admission) starts here, before validation: the front
 HTTP) authenticates the caller's key, and once the request is tokenized takes its share of the
 key's requests and tokens per minute from buckets every router shares through Redis. TLS (and
 mutual TLS, with a client CA) wraps both front doors' sockets. Nothing here knows gRPC or HTTP
-wire types except the small adapters named after them (grpc_auth).
+wire types except the gRPC adapter (grpc_auth); the HTTP one is router.http.auth.
 """
 from router.security.api_keys import ApiKeys, Unauthenticated, bearer_token
 from router.security.config import SecurityConfig
