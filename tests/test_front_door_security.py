@@ -262,3 +262,126 @@ def test_resume_from_is_checked(request_, code, text) -> None:
 
     error = run(scenario())
     assert error.code().name == code and text in error.details()
+
+
+# --- the HTTP front door -----------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def http_server_with(gate: Gatekeeper, backend: FakeBackend | None = None):
+    from router.http import HttpServer
+
+    server = HttpServer(backend or FakeBackend(), FakeTokenizer(), "127.0.0.1", 0, gatekeeper=gate)
+    port = await server.start()
+    await server.set_serving(True)
+    try:
+        yield server, port
+    finally:
+        await server.stop()
+
+
+def completion(max_tokens: int = 2, **extra) -> dict:
+    return {"prompt": "hi", "max_tokens": max_tokens, **extra}
+
+
+async def post(session, url: str, body: dict, key: str | None = None, **kwargs):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with session.post(url, json=body, headers=headers, **kwargs) as response:
+        return response.status, await response.json(), dict(response.headers)
+
+
+def test_http_api_keys_rate_limits_and_limits(redis_server, cluster_name) -> None:
+    import aiohttp
+
+    async def scenario():
+        redis = connect(RedisSettings(redis_server.url))
+        security = SecurityConfig(ApiKeys(KEYS), RateLimit(requests_per_minute=2))
+        gate = Gatekeeper.build(security, LIMITS, redis, ClusterKeys(cluster_name))
+        results = {}
+        try:
+            async with http_server_with(gate) as (_, port), aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{port}"
+                results["missing"] = await post(session, url + "/v1/completions", completion())
+                results["wrong"] = await post(session, url + "/v1/completions", completion(), "nope")
+                async with session.get(url + "/v1/models") as response:
+                    results["models"] = response.status
+                async with session.get(url + "/health") as response:
+                    results["health"] = response.status
+                results["served"] = await post(session, url + "/v1/completions", completion(), "key-one")
+                results["limit"] = await post(session, url + "/v1/completions",
+                                              completion(stop=["a", "b", "c"]), "key-one")
+                results["second"] = await post(session, url + "/v1/completions", completion(), "key-one")
+                results["over"] = await post(session, url + "/v1/completions", completion(), "key-one")
+                results["other_key"] = await post(session, url + "/v1/completions", completion(), "key-two")
+        finally:
+            await redis.aclose()
+        return results
+
+    r = run(scenario())
+    for name in ("missing", "wrong"):
+        status, body, headers = r[name]
+        assert status == 401 and body["error"]["code"] == "invalid_api_key", r[name]
+        assert headers["WWW-Authenticate"] == "Bearer"
+    assert "Authorization: Bearer KEY" in r["missing"][1]["error"]["message"]
+    assert r["models"] == 401 and r["health"] == 200
+    assert r["served"][0] == 200 and r["served"][1]["choices"][0]["text"] == "Hello wor"
+    status, body, _ = r["limit"]  # refused before the rate limit takes anything
+    assert status == 400 and body["error"]["param"] == "stop"
+    assert body["error"]["message"] == "stop: 3 stop strings; at most 2 (--max-stop-strings)"
+    assert r["second"][0] == 200
+    status, body, headers = r["over"]
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["type"] == "rate_limit_exceeded" and "--rate-limit-rpm" in body["error"]["message"]
+    assert 1 <= int(headers["Retry-After"]) <= 30
+    assert r["other_key"][0] == 200
+
+
+def test_http_streams_per_client_address_past_the_limit_get_429() -> None:
+    import aiohttp
+
+    async def scenario():
+        backend = FakeBackend(hang_after=1)
+        async with http_server_with(Gatekeeper(limits=LIMITS), backend) as (_, port), \
+                aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            streams = [await session.post(url, json=completion(4, stream=True)) for _ in range(2)]
+            for response in streams:
+                await response.content.readline()  # the first event: the stream is open
+            refused = await post(session, url, completion())
+            for response in streams:
+                response.close()
+            await asyncio.wait_for(backend.abort_event.wait(), WAIT_S)
+        return refused
+
+    status, body, _ = run(scenario())
+    assert status == 429 and body["error"]["code"] == "too_many_streams"
+    assert "at most 2 (--max-streams-per-connection)" in body["error"]["message"]
+
+
+def test_http_over_tls_and_mutual_tls(pki) -> None:
+    import ssl
+
+    import aiohttp
+
+    from router.security.tls import client_ssl_context
+
+    async def scenario():
+        results = []
+        for mutual in (False, True):
+            tls = TlsFiles(pki["server"].cert, pki["server"].key, pki["ca"] if mutual else None).load()
+            async with http_server_with(Gatekeeper(tls=tls)) as (_, port), aiohttp.ClientSession() as session:
+                url = f"https://localhost:{port}/v1/completions"
+                client = pki["client"] if mutual else None
+                context = client_ssl_context(pki["ca"], client.cert if client else None, client.key if client else None)
+                results.append(await post(session, url, completion(), ssl=context))
+                if mutual:
+                    for stranger in (None, pki["stranger"]):
+                        context = client_ssl_context(pki["ca"], stranger.cert if stranger else None,
+                                                     stranger.key if stranger else None)
+                        with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
+                            await post(session, url, completion(), ssl=context)
+                else:
+                    with pytest.raises(aiohttp.ClientError):
+                        await post(session, url.replace("https", "http"), completion())
+        return results
+
+    for status, body, _ in run(scenario()):
+        assert status == 200 and body["choices"][0]["text"] == "Hello wor"
