@@ -385,3 +385,23 @@ def test_http_over_tls_and_mutual_tls(pki) -> None:
 
     for status, body, _ in run(scenario()):
         assert status == 200 and body["choices"][0]["text"] == "Hello wor"
+
+
+def test_serve_refuses_bad_security_files_before_starting_anything(pki, tmp_path) -> None:
+    import subprocess
+
+    from cluster_state.server import free_port
+    from tests.cluster_helpers import router_process_command
+
+    def serve(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(router_process_command() + ["serve", "--grpc-port", str(free_port()),
+                                                          "--no-http", *flags],
+                              capture_output=True, text=True, timeout=120)
+
+    mismatched = serve("--tls-cert", pki["server"].cert, "--tls-key", pki["client"].key)
+    assert mismatched.returncode == 1
+    assert f"--tls-key {pki['client'].key} does not match the certificate" in mismatched.stderr
+    half = serve("--tls-cert", pki["server"].cert)
+    assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+    no_file = serve("--api-key-file", str(tmp_path / "absent.txt"))
+    assert no_file.returncode == 2 and "--api-key-file" in no_file.stderr and "absent.txt" in no_file.stderr

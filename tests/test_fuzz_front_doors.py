@@ -101,7 +101,7 @@ def sampling_params(draw) -> pb.SamplingParams:
             setattr(params, name, value)
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if draw(st.booleans()):
-            setattr(params, name, draw(DOUBLE))
+            setattr(params, name, draw(st.one_of(DOUBLE, st.floats(0.01, 1.0))))
     if draw(st.booleans()):
         params.seed = draw(INT64)
     params.stop.extend(draw(st.lists(TEXT, max_size=draw(st.sampled_from([3, 40])))))
@@ -117,7 +117,7 @@ def sampling_params(draw) -> pb.SamplingParams:
 def generate_requests(draw) -> pb.GenerateRequest:
     request = pb.GenerateRequest(request_id=draw(st.one_of(st.just(""), TEXT)), model=draw(st.sampled_from(["", "", "nope", "tiny"])),
                                  priority=draw(INT32))
-    kind = draw(st.sampled_from(["prompt", "chat", "token_ids", "none"]))
+    kind = draw(st.sampled_from(["prompt", "prompt", "chat", "token_ids", "token_ids", "none"]))
     if kind == "prompt":
         request.prompt = draw(LONG_TEXT)
     elif kind == "chat":
@@ -127,7 +127,8 @@ def generate_requests(draw) -> pb.GenerateRequest:
         if not request.chat.messages:
             request.chat.SetInParent()
     elif kind == "token_ids":
-        request.token_ids.ids.extend(draw(st.lists(TOKEN, max_size=draw(st.sampled_from([8, 300])))))
+        request.token_ids.ids.extend(draw(st.one_of(st.lists(TOKEN, max_size=draw(st.sampled_from([8, 300]))),
+                                                    st.lists(st.integers(3, 500), min_size=1, max_size=20))))
         request.token_ids.SetInParent()
     if draw(st.booleans()):
         request.sampling_params.CopyFrom(draw(sampling_params()))
@@ -287,6 +288,10 @@ RAW_BODIES = st.one_of(
                      b'{"prompt": "hi", "min_p": -Infinity}', b'{"prompt": "hi", "max_tokens": 1e999}',
                      b'{"prompt": "hi", "max_tokens": 2', b"null", b"[]", b'"prompt"', b"",
                      b'{"prompt": "hi", "min_p": ' + b"9" * 5000 + b"}"]),
+    st.builds(lambda field, sign: b'{"prompt": "hi", "' + field + b'": ' + sign + b"9" * 400 + b"}",
+              st.sampled_from([b"temperature", b"top_p", b"min_p", b"top_k", b"seed", b"priority", b"max_tokens",
+                               b"presence_penalty", b"repetition_penalty", b"logprobs", b"n"]),
+              st.sampled_from([b"", b"-"])),
     st.integers(MAX_BODY_BYTES, 2 * MAX_BODY_BYTES).map(lambda n: b'{"prompt": "' + b"a" * n + b'"}'),
 )
 

@@ -56,7 +56,11 @@ class Body:
     def number(self, name: str, default: float | None = None, low: float | None = None,
                high: float | None = None) -> float | None:
         value = self._typed(name, (int, float), "a number", default)
-        return _in_range(name, None if value is None else float(value), low, high)
+        try:
+            value = None if value is None else float(value)
+        except OverflowError as exc:  # an integer literal past any float
+            raise bad_request(name, "is too large a number") from exc
+        return _in_range(name, value, low, high)
 
     def object(self, name: str) -> "Body":
         return Body(self._typed(name, (dict,), "an object", {}))
@@ -146,7 +150,7 @@ def _checked(body: Body, names: FieldNames, logprobs: int | None, logprobs_field
     params = make_sampling_params(kwargs, lambda field: http_name.get(field, field))
     return GenerateInput(request_id="", model=body.string("model", "") or "", params=params,
                          max_tokens_explicit=max_tokens is not None,
-                         priority=body.integer("priority", 0) or 0, **source)
+                         priority=body.integer("priority", 0, low=-2**31, high=2**31 - 1) or 0, **source)
 
 
 def _request(body: Body, checked: GenerateInput, names: FieldNames, chat: bool,

@@ -212,6 +212,8 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:  # the parser recurses once per level of nesting
+        raise ApiError(400, "the request body is JSON nested too deeply", code="invalid_json") from exc
 
 
 def _refuse_constant(name: str) -> Any:
