@@ -405,3 +405,27 @@ def test_serve_refuses_bad_security_files_before_starting_anything(pki, tmp_path
     assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
     no_file = serve("--api-key-file", str(tmp_path / "absent.txt"))
     assert no_file.returncode == 2 and "--api-key-file" in no_file.stderr and "absent.txt" in no_file.stderr
+
+
+@pytest.mark.parametrize("raw, details", [
+    (b"\x1a\x02\xff\xfe", "prompt: not valid UTF-8"),
+    (b"\x22\x0b\x0a\x09\x0a\x04user\x12\x01\xff", "chat.messages[0].content: not valid UTF-8"),
+    (b"\x32\x06\x3a\x01a\x3a\x01\xc3", "sampling_params.stop[1]: not valid UTF-8"),
+    (b"\xff\xff\xff", "request: not a valid GenerateRequest"),
+])
+def test_requests_that_do_not_parse_are_invalid_naming_the_field(raw, details) -> None:
+    async def scenario():
+        backend = FakeBackend()
+        async with server_with(Gatekeeper(), backend) as (_, port):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_stream("/pdserve.v1.Generation/Generate", request_serializer=lambda b: b,
+                                            response_deserializer=pb.GenerateResponse.FromString)
+                return backend, await refusal(collect_raw(call(raw, timeout=WAIT_S)))
+
+    async def collect_raw(call):
+        return [r async for r in call]
+
+    backend, error = run(scenario())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(details), error.details()
+    assert backend.calls == []
