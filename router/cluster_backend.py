@@ -132,7 +132,11 @@ class ClusterBackend:
         return self.pools.max_model_len
 
     def model_names(self) -> list[str]:
-        return [self.pools.model_name]
+        """The model's own name, then what its pools were created with (`--model`: "demo", a
+        path), which clients may send as well."""
+        names = [self.pools.model_name]
+        given = self.pools.spec.model if self.pools.spec is not None else None
+        return names + [given] if given and given not in names else names
 
     def can_serve(self) -> bool:
         """Whether a request would be served now: a decode worker is up (and a prefill worker,

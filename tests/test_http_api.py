@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API against a real cluster, through the `openai` package and raw HTTP.
 
-One cluster (a small random Llama with an 8192-token context, 1 prefill + 1 decode worker) serves
+One cluster (a small random Llama with an 8192-token context, 1 prefill + 1 decode worker, every
+prompt prefilled on the prefill worker and its KV moved to the decode worker) serves
 every test of the module over both front doors: HTTP answers must equal gRPC's for greedy
 decoding, malformed bodies get OpenAI's error JSON, a client that hangs up mid-stream frees its
 blocks everywhere, and /metrics counts what was served.
@@ -40,7 +41,7 @@ def cluster(long_tiny_checkpoint, ray_local):
     engine = EngineConfig.from_options(long_tiny_checkpoint, dtype="float32", device="cpu",
                                        num_blocks=1024, block_size=16, max_num_seqs=8)
     config = ServeConfig(engine=engine, pools=PoolConfig(torch_threads=1, lease_ttl_s=10.0),
-                         routing=RoutingConfig(max_queued_requests=64), max_request_body_bytes=MAX_BODY_BYTES,
+                         routing=RoutingConfig(max_queued_requests=64, disaggregation="always"), max_request_body_bytes=MAX_BODY_BYTES,
                          default_max_tokens=DEFAULT_MAX_TOKENS)
     with EmbeddedCluster(config) as server:
         yield server
@@ -311,8 +312,20 @@ def test_metrics_count_what_was_served_over_both_front_doors(cluster, client):
         present = {(dict(labels)["worker"], dict(labels)["role"]) for name, labels in after
                    if name == f"pdserve:{gauge}"}
         assert present == workers, gauge
-    assert sum(v for (name, _), v in after.items() if name == "pdserve:prefix_cache_queries_total") > 0
-    assert sum(v for (name, _), v in after.items() if name == "pdserve:disaggregation_decisions_total") > 0
+    assert delta(before, after, "pdserve:disaggregation_decisions_total", path="remote", reason="always") == len(
+        served)
+    # Worker counters arrive with the workers' next load reports (published every interval).
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(cluster)
+        moved = {role: sum(v for (name, labels), v in after.items() if name == "pdserve:kv_transfer_bytes_total"
+                           and dict(labels)["role"] == role) for role in ("prefill", "decode")}
+        queried = sum(v for (name, _), v in after.items() if name == "pdserve:prefix_cache_queries_total")
+        if (0 < moved["prefill"] == moved["decode"] and queried > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert moved["prefill"] > 0 and moved["prefill"] == moved["decode"], moved
+    assert queried > 0
 
 
 def _token_id(cluster, prompt: list[int]) -> int:
