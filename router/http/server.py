@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from router import relay
+from router.http.auth import api_key_middleware, charge, client_address, streams_exhausted_error
 from router.http.errors import ApiError, bad_request
 from router.http.protocol import ApiRequest, api_error, parse_chat, parse_completion
 from router.http.responses import Answer
@@ -29,7 +30,6 @@ from router.metrics import CONTENT_TYPE, ServingMetrics
 from router.relay import FinalStats, Relay, RelayFailure
 from router.limits import StreamCounter
 from router.security import Gatekeeper
-from router.http.auth import api_key_middleware, charge, client_address, streams_exhausted_error
 from router.streaming import StreamChunk, TextStream
 
 logger = logging.getLogger(__name__)
