@@ -26,9 +26,9 @@ from router.http.errors import ApiError, bad_request
 from router.http.protocol import ApiRequest, api_error, parse_chat, parse_completion
 from router.http.responses import Answer
 from router.intake import AdmittedRequest, Intake, InvalidArgument
+from router.limits import StreamCounter
 from router.metrics import CONTENT_TYPE, ServingMetrics
 from router.relay import FinalStats, Relay, RelayFailure
-from router.limits import StreamCounter
 from router.security import Gatekeeper
 from router.streaming import StreamChunk, TextStream
 
