@@ -42,7 +42,7 @@ FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # What a refusal's message starts with: the path of a GenerateRequest field.
 FIELD = re.compile(r"^(request|input|request_id|model|prompt|priority|resume_from|"
-                   r"chat\.messages(\[\d+\](\.role|\.content)?)?|token_ids\.ids(\[\d+\])?|"
+                   r"chat(\.messages(\[\d+\](\.role|\.content)?)?)?|token_ids\.ids(\[\d+\])?|"
                    r"sampling_params\.\w+(\[\d+\])?): ")
 # Codes a case may end with besides OK, and what each must say.
 ALLOWED = {
@@ -282,6 +282,9 @@ def test_every_http_body_field_is_served_or_refused_naming_it(server, case) -> N
 RAW_BODIES = st.one_of(
     st.binary(max_size=80),
     st.builds(lambda bad: b'{"prompt": "' + bad + b'", "max_tokens": 2}', BAD_UTF8),
+    st.builds(lambda where: where.replace(b"X", b"\\udc80"), st.sampled_from(  # escaped lone surrogates
+        [b'{"prompt": "aX"}', b'{"messages": [{"role": "user", "content": "X"}]}', b'{"prompt": "a", "stop": ["X"]}',
+         b'{"prompt": "a", "X": 1}'])),
     st.builds(lambda depth, open_: open_ * depth, st.integers(10, 200_000), st.sampled_from([b"[", b'{"a":'])),
     st.builds(lambda depth: b'{"prompt": "hi", "stop": ' + b"[" * depth + b"]" * depth + b"}", st.integers(1, 50_000)),
     st.sampled_from([b'{"prompt": "hi", "temperature": NaN}', b'{"prompt": "hi", "top_p": Infinity}',

@@ -206,14 +206,43 @@ def failure_error(failure: RelayFailure, api: ApiRequest) -> ApiError:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON; 413 over the size limit, 400 for anything that is not JSON."""
+    """The body as JSON; 413 over the size limit, 400 for anything that is not JSON (or holds a
+    string that is not valid Unicode)."""
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Decoded here, strictly: json.loads of bytes lets UTF-8-encoded surrogates through.
+        fields = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid UTF-8: {exc}", code="invalid_json") from exc
+    except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:  # the parser recurses once per level of nesting
         raise ApiError(400, "the request body is JSON nested too deeply", code="invalid_json") from exc
+    where = _surrogate_path(fields, "")
+    if where is not None:  # a \ud800-style escape: a lone surrogate, no character at all
+        what = "holds a lone UTF-16 surrogate, which is not a character"
+        raise bad_request(where, what) if where else ApiError(400, f"the request body {what}", code="invalid_json")
+    return fields
+
+
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first string with a lone surrogate (for a key: its object's path); None if
+    no string has one."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _surrogate_path(key, path) is not None:
+                return path
+            found = _surrogate_path(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _refuse_constant(name: str) -> Any:
