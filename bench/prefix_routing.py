@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="demo", help="demo, an HF model directory or a .gguf file")
     parser.add_argument("--prefixes", type=int, default=8, help="distinct system prompts (default 8)")
     parser.add_argument("--prefix-tokens", type=int, default=1024, help="tokens per system prompt (default 1024)")
-    parser.add_argument("--requests", type=int, default=256, help="requests per policy (default 256)")
+    parser.add_argument("--requests", type=int, default=384, help="requests per policy (default 384)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     parser.add_argument("--output-tokens", type=int, default=8, help="new tokens per request (default 8)")
     parser.add_argument("--kv-cache-gb", type=float, default=0.2,
