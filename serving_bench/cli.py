@@ -63,9 +63,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     requests = build_workload(spec, args.num_prompts, maker, args.seed)
     model = asyncio.run(resolve_model(args))
     settings = RequestSettings(args.base_url, model, args.endpoint, args.temperature, not args.allow_eos)
-    log(f"{len(requests)} {args.workload} requests to {settings.url} (model {model}); prompts "
-        f"{length_stats([r.prompt_len for r in requests])} {maker.unit}, outputs "
-        f"{length_stats([r.output_len for r in requests])} tokens")
+    prompts, outputs = length_stats([r.prompt_len for r in requests]), length_stats([r.output_len for r in requests])
+    log(f"{len(requests)} {args.workload} requests to {settings.url} (model {model}): prompts "
+        f"{prompts['min']}-{prompts['max']} {maker.unit} (mean {prompts['mean']:.0f}), outputs "
+        f"{outputs['min']}-{outputs['max']} tokens (mean {outputs['mean']:.0f})")
     runs, printed = [], []
     for shape in load_shapes(args):
         outcomes, duration = asyncio.run(run_load(settings, requests, shape, args.seed, args.request_timeout,
@@ -80,8 +81,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                          "workload": args.workload, "workload_spec": asdict(spec), "num_prompts": args.num_prompts,
                          "seed": args.seed, "prompt_unit": maker.unit, "tokenizer": args.tokenizer,
                          "ignore_eos": not args.allow_eos, "temperature": args.temperature},
-            "prompt_lengths": length_stats([r.prompt_len for r in requests]),
-            "output_lengths": length_stats([r.output_len for r in requests]),
+            "prompt_lengths": prompts, "output_lengths": outputs,
             "runs": runs}
 
 

@@ -19,16 +19,16 @@ def slo_text(slo: dict | None) -> str:
 def result_block(shape: LoadShape, summary: BenchSummary) -> str:
     s = summary
     lines = [f"{'=' * 18} Serving benchmark: {shape.label()} {'=' * 18}",
-             f"{'Completed requests:':<40}{s.completed}",
-             f"{'Failed requests:':<40}{s.failed}",
-             f"{'Duration (s):':<40}{s.duration_s:.2f}",
-             f"{'Total input tokens:':<40}{s.total_input_tokens}",
-             f"{'Total output tokens:':<40}{s.total_output_tokens}",
-             f"{'Request throughput (req/s):':<40}{s.request_throughput:.2f}",
-             f"{'Output token throughput (tok/s):':<40}{s.output_token_throughput:.1f}",
-             f"{'Total token throughput (tok/s):':<40}{s.total_token_throughput:.1f}"]
+             f"{'Completed requests:':<48}{s.completed}",
+             f"{'Failed requests:':<48}{s.failed}",
+             f"{'Duration (s):':<48}{s.duration_s:.2f}",
+             f"{'Total input tokens:':<48}{s.total_input_tokens}",
+             f"{'Total output tokens:':<48}{s.total_output_tokens}",
+             f"{'Request throughput (req/s):':<48}{s.request_throughput:.2f}",
+             f"{'Output token throughput (tok/s):':<48}{s.output_token_throughput:.1f}",
+             f"{'Total token throughput (tok/s):':<48}{s.total_token_throughput:.1f}"]
     if s.goodput is not None:
-        lines.append(f"{'Goodput (req/s) [' + slo_text(s.slo) + ']:':<40}{s.goodput:.2f} "
+        lines.append(f"{'Goodput (req/s) [' + slo_text(s.slo) + ']:':<48}{s.goodput:.2f} "
                      f"({s.good_requests}/{s.completed + s.failed} requests met the SLO)")
     lines.append(f"{'(ms)':<8}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
     for name, key in LATENCIES:
