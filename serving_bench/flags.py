@@ -73,7 +73,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "here, nothing downloaded (default random)")
     g.add_argument("--tokenizer", default=None,
                    help="build prompts of exact token lengths with this model's tokenizer: demo, an "
-                        "HF model directory or a .gguf file (default: random words, about a token each)")
+                        "HF model directory or a .gguf file (default: common English words, one token "
+                        "each in most vocabularies)")
     g.add_argument("--random-input-len", type=positive_int, default=128, help="random: prompt length (default 128)")
     g.add_argument("--random-output-len", type=positive_int, default=32, help="random: output tokens (default 32)")
     g.add_argument("--random-range-ratio", type=float, default=0.0,

@@ -1,5 +1,6 @@
 """Prompt text of a chosen length: in the model's own tokens when its tokenizer is at hand (so
-the length is exact), else in random words (about one token each on most vocabularies)."""
+the length is exact), else in common English words (one token each in most large vocabularies;
+the server's usage gives the exact count)."""
 from __future__ import annotations
 
 import random
@@ -9,7 +10,16 @@ from typing import Protocol
 # Whole words with their leading space: a run of them re-encodes to the same tokens on
 # byte-level BPE vocabularies, because the pre-tokenizer splits before every space.
 _WORD_TOKEN = re.compile(r"^ [A-Za-z]{1,16}$")
-_SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "go", "hi", "ju", "pe", "zo")
+_COMMON_WORDS = tuple("""
+the of and to in is was for on that with as by at from his her they which this are have be not
+had one were all but their there been has when who will more no out up into do said them can time
+only new some could these two may first then would like other its about than over such after most
+made many also did well back where years through way down should because each just those people
+how too little state good very make world still own see men work long get here between both life
+being under never day same another know while last might us great old year off come since against
+go came right used take three small states himself few house use during without again place around
+however home found city part earth water group light night point given large read story open road
+""".split())
 
 
 class PromptMaker(Protocol):
@@ -60,7 +70,7 @@ class TokenPrompts:
 
 
 class WordPrompts:
-    """Random made-up words, `length` of them; the server's usage gives the token count."""
+    """Common English words drawn at random, `length` of them."""
 
     unit = "words"
 
@@ -68,12 +78,11 @@ class WordPrompts:
         return len(text.split())
 
     def text(self, rng: random.Random, length: int) -> str:
-        return "".join(" " + "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
-                       for _ in range(length))
+        return "".join(" " + rng.choice(_COMMON_WORDS) for _ in range(length))
 
 
 def prompt_maker(tokenizer: str | None) -> PromptMaker:
-    """`tokenizer`: None (random words), 'demo', an HF model directory or a .gguf file."""
+    """`tokenizer`: None (common English words), 'demo', an HF model directory or a .gguf file."""
     if tokenizer is None:
         return WordPrompts()
     from router.serve import load_tokenizer
