@@ -14,7 +14,7 @@ from serving_bench.load import LoadShape, run_load
 from serving_bench.metrics import SLO, summarize
 from serving_bench.prompts import prompt_maker
 from serving_bench.report import result_block, run_record, sweep_table, write_json
-from serving_bench.workloads import RandomLengths, SharedPrefix, ShareGPTLike, build_workload
+from serving_bench.workloads import RandomLengths, SharedPrefix, ShareGPTLike, sweep_workloads
 
 
 def workload_spec(args: argparse.Namespace):
@@ -60,15 +60,17 @@ def run_bench(args: argparse.Namespace) -> dict:
     spec = workload_spec(args)
     slo = SLO.parse(args.slo)
     maker = prompt_maker(args.tokenizer)
-    requests = build_workload(spec, args.num_prompts, maker, args.seed)
+    shapes = load_shapes(args)
+    workloads = sweep_workloads(spec, args.num_prompts, maker, args.seed, len(shapes))
+    every = [r for requests in workloads for r in requests]
     model = asyncio.run(resolve_model(args))
     settings = RequestSettings(args.base_url, model, args.endpoint, args.temperature, not args.allow_eos)
-    prompts, outputs = length_stats([r.prompt_len for r in requests]), length_stats([r.output_len for r in requests])
-    log(f"{len(requests)} {args.workload} requests to {settings.url} (model {model}): prompts "
+    prompts, outputs = length_stats([r.prompt_len for r in every]), length_stats([r.output_len for r in every])
+    log(f"{args.num_prompts} {args.workload} requests per run to {settings.url} (model {model}): prompts "
         f"{prompts['min']}-{prompts['max']} {maker.unit} (mean {prompts['mean']:.0f}), outputs "
         f"{outputs['min']}-{outputs['max']} tokens (mean {outputs['mean']:.0f})")
     runs, printed = [], []
-    for shape in load_shapes(args):
+    for shape, requests in zip(shapes, workloads):
         outcomes, duration = asyncio.run(run_load(settings, requests, shape, args.seed, args.request_timeout,
                                                   show_progress=not args.no_progress))
         summary = summarize(outcomes, duration, slo)

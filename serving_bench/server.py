@@ -2,6 +2,7 @@
 answers 200, stopped with Ctrl-C (SIGINT) so the router takes its pools down."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -49,6 +50,7 @@ def served_cluster(serve_flags: Sequence[str], log_path: str, timeout_s: float =
     grpc_port, http_port = free_port(), free_port()
     command = [sys.executable, "-m", "router.cli", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
                "--http-port", str(http_port), *serve_flags]
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{http_port}"

@@ -95,3 +95,10 @@ def build_workload(spec: RandomLengths | SharedPrefix | ShareGPTLike, n: int, ma
     if isinstance(spec, SharedPrefix):
         return shared_prefix_workload(spec, n, maker, rng)
     return sharegpt_workload(spec, n, maker, rng)
+
+
+def sweep_workloads(spec: RandomLengths | SharedPrefix | ShareGPTLike, n: int, maker: PromptMaker, seed: int,
+                    runs: int) -> list[list[BenchRequest]]:
+    """One workload per run of a sweep, run i from seed + i: the same distribution with fresh
+    text, so no run finds the previous run's prompts in the server's prefix cache."""
+    return [build_workload(spec, n, maker, seed + i) for i in range(runs)]

@@ -17,7 +17,7 @@ from serving_bench.client import RequestOutcome, RequestSettings, send_request
 from serving_bench.load import LoadShape, arrival_times, run_load
 from serving_bench.metrics import SLO, LatencyStats, percentile, summarize
 from serving_bench.prompts import TokenPrompts, WordPrompts
-from serving_bench.workloads import BenchRequest, RandomLengths, SharedPrefix, ShareGPTLike, build_workload
+from serving_bench.workloads import BenchRequest, RandomLengths, SharedPrefix, ShareGPTLike, build_workload, sweep_workloads
 
 
 def outcome(ttft: float, e2e: float, tokens: int, itl=(), error=None) -> RequestOutcome:
@@ -102,6 +102,14 @@ def test_shared_prefix_requests_share_a_few_system_prompts():
     assert len({r.prompt for r in requests}) > 50  # each user asks their own question
     assert all(r.prompt_len == 50 + len(r.prompt.split()) and 5 <= len(r.prompt.split()) <= 8 for r in requests)
     assert build_workload(spec, 60, WordPrompts(), seed=1) == requests
+
+
+def test_each_run_of_a_sweep_gets_fresh_prompts_of_the_same_distribution():
+    spec = RandomLengths(input_len=30, output_len=5, range_ratio=0.2)
+    first, second = sweep_workloads(spec, 50, WordPrompts(), seed=9, runs=2)
+    assert first == build_workload(spec, 50, WordPrompts(), seed=9)
+    assert not {r.prompt for r in first} & {r.prompt for r in second}
+    assert all(24 <= r.prompt_len <= 36 for r in first + second)
 
 
 def test_sharegpt_like_lengths_are_lognormal_and_clipped():
