@@ -28,6 +28,12 @@ class LoadReport(JsonRecord):
     step_samples: int = 0  # steps the fit has seen
     transfer_bytes_per_s: float = 0.0  # prefill side: measured KV push bandwidth (0: not measured yet)
     transfer_choices: dict = field(default_factory=dict)  # decode side: tickets per KV backend
+    prefix_cache_queries: int = 0  # prompt tokens looked up in this worker's prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens found there
+    # KV moved by this worker since it started, per transfer backend ("shm", "torch_dist", ...):
+    # {"bytes", "seconds", "transfers", "failures"}; the prefill side counts what it pushed, the
+    # decode side what it received.
+    kv_transfer: dict = field(default_factory=dict)
     published_at: float = 0.0  # wall clock (time.time()) of the snapshot
 
     @property

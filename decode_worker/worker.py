@@ -251,7 +251,10 @@ class DecodeWorker:
         return load_report(load or self.background.load, **self._extra_load())
 
     def _extra_load(self) -> dict:
-        return {"transfer_choices": dict(self.receivers.choices)} if self.receivers is not None else {}
+        if self.receivers is None:
+            return {}
+        return {"transfer_choices": dict(self.receivers.choices),
+                "kv_transfer": {b: c.as_load() for b, c in self.receivers.snapshots().items()}}
 
     async def renew_leases(self, request_ids: list[str]) -> list[str]:
         """The prefill worker holding these tickets is alive; returns ids whose lease is gone."""

@@ -114,7 +114,9 @@ class LLMEngine:
             num_free_blocks=self.kv_manager.num_free_blocks, num_blocks=self.kv_manager.num_blocks,
             queued_prefill_tokens=queued, max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
             step_base_s=fit.base_s, mixed_step_s=fit.mixed_step_s, prefill_s_per_token=fit.prefill_s_per_token,
-            decode_s_per_seq=fit.decode_s_per_seq, step_samples=fit.samples)
+            decode_s_per_seq=fit.decode_s_per_seq, step_samples=fit.samples,
+            prefix_cache_queries=self.kv_manager.prefix_cache_queries,
+            prefix_cache_hits=self.kv_manager.prefix_cache_hits)
 
     def calibrate(self, num_prompt_tokens: int = 128, num_decode_steps: int = 4) -> None:
         """Seed the step-cost fit with real prefills of two lengths and a few decode steps of

@@ -81,3 +81,5 @@ class EngineLoad:
     prefill_s_per_token: float
     decode_s_per_seq: float
     step_samples: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens found there

@@ -14,6 +14,11 @@ class CountersSnapshot:
     seconds: float  # wall time spent moving payload
     failures: int  # requests that finished FAILED, or pushes that raised
 
+    def as_load(self) -> dict:
+        """The figures a worker publishes in its load report (cluster_state.load.LoadReport.kv_transfer)."""
+        return {"bytes": self.bytes, "seconds": self.seconds, "transfers": self.transfers,
+                "failures": self.failures}
+
     @property
     def gbps(self) -> float:
         """GB/s (1e9 bytes) over the time spent moving payload; 0 before any payload moved."""

@@ -101,7 +101,7 @@ class PrefillWorker:
         self.background.start()
         if spec.redis_url:
             self.agent = await start_agent(spec, self.background, registry_record(spec, engine, None), secret,
-                                           self._transfer_rate)
+                                           self._transfer_load)
             self.generation = self.sender.generation = self.agent.generation
             self._tasks.append(self._loop.create_task(self.agent.run()))
             self._tasks.append(self._loop.create_task(self._connect_peers_forever()))
@@ -111,10 +111,11 @@ class PrefillWorker:
         if self.background is None:
             await self.start()
 
-    def _transfer_rate(self) -> dict:
+    def _transfer_load(self) -> dict:
         counters = self.sender.snapshot()
         rate = counters.bytes / counters.seconds if counters.seconds > 0 else 0.0
-        return {"transfer_bytes_per_s": rate}
+        return {"transfer_bytes_per_s": rate,
+                "kv_transfer": {b: c.as_load() for b, c in self.sender.snapshots().items()}}
 
     async def connect(self, peers: list[dict]) -> None:
         """Handshake with these decode workers' receivers now, not on a request's critical path:

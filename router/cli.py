@@ -130,7 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              router_lease_s=args.router_lease, pin_pools=args.pin_pools),
             routing=RoutingConfig(policy=args.routing_policy, disaggregation=args.disaggregation,
                                   max_queued_requests=args.max_queued_requests),
-            host=args.host, grpc_port=args.grpc_port, ray_address=args.ray_address,
+            host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+            default_max_tokens=args.default_max_tokens, max_request_body_bytes=args.max_request_body_bytes,
+            ray_address=args.ray_address,
             redis_url=args.redis_url, cluster_name=args.cluster_name, join=args.join)
     except (TypeError, ValueError) as err:
         print(f"pdserve serve: {err}", file=sys.stderr)
@@ -183,10 +185,11 @@ def add_bench_parser(sub) -> None:
 
 def add_serve_parser(sub) -> None:
     serve = sub.add_parser(
-        "serve", help="start the cluster: Ray, prefill and decode pools, gRPC server",
+        "serve", help="start the cluster: Ray, prefill and decode pools, gRPC and HTTP servers",
         description="Start a pdserve router: a local Ray instance (or join one), a private Redis "
                     "(or use one), the prefill and decode worker pools (or attach to those an "
-                    "earlier router of the same cluster created), and the gRPC server. Ctrl-C "
+                    "earlier router of the same cluster created), the gRPC server and the "
+                    "OpenAI-compatible HTTP API. Ctrl-C "
                     "stops it gracefully; the last router of a cluster takes its pools down.")
     g = serve.add_argument_group("cluster")
     g.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
@@ -225,8 +228,18 @@ def add_serve_parser(sub) -> None:
                    help="join a running Ray cluster: 'auto' (the one `ray start` left on this "
                         "machine) or host:port (e.g. one started by `ray up`); default: start a "
                         "private local instance")
-    g.add_argument("--host", default="0.0.0.0", help="gRPC listen address (default 0.0.0.0)")
+    g.add_argument("--host", default="0.0.0.0", help="listen address of the gRPC and HTTP servers (default 0.0.0.0)")
     g.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
+    g.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health, /metrics) on --host; -1 turns it off (default 8000)")
+    g.add_argument("--no-http", dest="http_port", action="store_const", const=-1,
+                   help="serve gRPC only (the same as --http-port -1)")
+    g.add_argument("--default-max-tokens", type=int, default=None,
+                   help="max_tokens of a request (HTTP or gRPC) that sets none (default: the rest of "
+                        "the model's context, as vLLM does)")
+    g.add_argument("--max-request-body-bytes", type=int, default=4 * 2**20,
+                   help="largest HTTP request body; larger ones get 413 (default 4 MiB)")
     g.add_argument("--max-num-seqs", type=int, default=64,
                    help="sequence slots of one worker: requests it holds at once, running or "
                         "waiting for KV (default 64); more wait in the router's admission queue")
@@ -236,7 +249,7 @@ def add_serve_parser(sub) -> None:
     r = serve.add_argument_group("admission and routing")
     r.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests that may wait for a decode worker (a free sequence slot and KV "
-                        "blocks); past this they get RESOURCE_EXHAUSTED (default 1024)")
+                        "blocks); past this they get RESOURCE_EXHAUSTED (HTTP 429) (default 1024)")
     r.add_argument("--routing-policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"],
                    help="how workers are picked: kv_aware (least predicted work: uncached prompt "
                         "tokens per the KV block index plus queued work, with a load guard), "

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from cluster_state.aio import stop_tasks
@@ -108,6 +108,8 @@ class ClusterBackend:
         self.pumps = TokenPumps(view, router_id, self._route, self._queues_on,
                                 self.dispatcher.capacity_changed.set,
                                 self._journal_tokens if journal is not None else None)
+        # Called with each new request's queue time: arrival here to its decode worker's admit.
+        self.queue_time_observers: list[Callable[[float], None]] = []
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -127,7 +129,11 @@ class ClusterBackend:
         return self.pools.max_model_len
 
     def model_names(self) -> list[str]:
-        return [self.pools.model_name]
+        """The model's own name, then what its pools were created with (`--model`: "demo", a
+        path), which clients may send as well."""
+        names = [self.pools.model_name]
+        given = self.pools.spec.model if self.pools.spec is not None else None
+        return names + [given] if given and given not in names else names
 
     def can_serve(self) -> bool:
         """Whether a request would be served now: a decode worker is up (and a prefill worker,
@@ -236,6 +242,10 @@ class ClusterBackend:
             stream.placement = await stream.entry.placed
         finally:
             self.queue.remove(stream.entry)  # a cancel or deadline takes it out of the queue at once
+        if stream.attempt == 0 and not stream.tag:
+            queue_time_s = stream.placement.placed_at - stream.entry.enqueued_at
+            for observe in self.queue_time_observers:
+                observe(queue_time_s)
         decode = stream.placement.decode
         await self._journal_call(stream, lambda j: j.placed(stream.request_id, decode.worker_id,
                                                             stream.worker_request_id))
@@ -253,12 +263,18 @@ class ClusterBackend:
         finally:
             decode.in_flight -= 1
 
-    def _check_fits(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Refuse at once a request that no decode worker's whole KV cache could hold."""
+    def largest_kv_tokens(self) -> int | None:
+        """Tokens the largest decode worker's whole KV cache holds (None: no worker known yet)."""
         workers = [w for w in self.pools.decode if w.record is not None]
         if not workers:
+            return None
+        return max(w.record.num_blocks * w.block_size for w in workers)
+
+    def _check_fits(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse at once a request that no decode worker's whole KV cache could hold."""
+        largest = self.largest_kv_tokens()
+        if largest is None:
             return
-        largest = max(w.record.num_blocks * w.block_size for w in workers)
         tokens = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
         if tokens > largest:
             raise RequestTooLargeError(

@@ -5,12 +5,16 @@ works on what from_proto returns and hands StreamChunks to to_proto.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any
 
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2 as pb
+from router.intake import GenerateInput, InvalidArgument, make_sampling_params
+from router.relay import FinalStats
 from router.streaming import StreamChunk
+
+__all__ = ["FinalStats", "GenerateInput", "InvalidArgument", "finish_reason_name", "from_proto",
+           "sampling_params_from_proto", "sampling_params_to_proto", "to_proto"]
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -24,52 +28,6 @@ _PLAIN_PARAMS = (
     "top_k", "min_p", "ignore_eos", "presence_penalty", "frequency_penalty",
     "include_stop_str_in_output",
 )
-
-
-class InvalidArgument(ValueError):
-    """A request field is invalid; `field` is its path in GenerateRequest."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class GenerateInput:
-    """A GenerateRequest, checked for everything that needs neither tokenizer nor backend.
-
-    Exactly one of prompt, messages, token_ids is set.
-    """
-
-    request_id: str  # "" when the client left it to the server
-    model: str  # "" = the default model
-    params: SamplingParams
-    max_tokens_explicit: bool  # False: the server may lower max_tokens to fit the context
-    priority: int = 0  # admission order while queued: lower first
-    prompt: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
-    token_ids: tuple[int, ...] | None = None
-
-    @property
-    def input_field(self) -> str:
-        """The request field the input came from, for error messages."""
-        if self.prompt is not None:
-            return "prompt"
-        return "chat" if self.messages is not None else "token_ids.ids"
-
-    def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": role, "content": content} for role, content in self.messages or ()]
-
-
-@dataclass(frozen=True)
-class FinalStats:
-    """Usage and timing of a finished stream, reported on its last message."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    time_to_first_token_s: float  # admission to first token; 0 when no token was generated
-    total_time_s: float
 
 
 def from_proto(request: pb.GenerateRequest) -> GenerateInput:
@@ -111,10 +69,7 @@ def sampling_params_from_proto(proto: pb.SamplingParams) -> SamplingParams:
     kwargs.update({n: getattr(proto, n) for n in _OPTIONAL_PARAMS if proto.HasField(n)})
     kwargs["stop"] = tuple(proto.stop)
     kwargs["stop_token_ids"] = tuple(proto.stop_token_ids)
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as exc:
-        raise InvalidArgument(f"sampling_params.{_culprit(kwargs)}", str(exc)) from exc
+    return make_sampling_params(kwargs, lambda name: f"sampling_params.{name}")
 
 
 def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -128,19 +83,6 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         if value is not None:
             setattr(proto, name, value)
     return proto
-
-
-def _culprit(kwargs: dict[str, Any]) -> str:
-    """The first field that SamplingParams rejects on its own (its checks are per field)."""
-    names = {f.name for f in fields(SamplingParams)}
-    for name, value in kwargs.items():
-        if name not in names:
-            continue
-        try:
-            SamplingParams(**{name: value})
-        except ValueError:
-            return name
-    return "*"
 
 
 def to_proto(request_id: str, chunk: StreamChunk, final: FinalStats | None = None) -> pb.GenerateResponse:

@@ -1,6 +1,6 @@
-"""A whole pdserve cluster and its gRPC server running on a background thread.
+"""A whole pdserve cluster and its gRPC and HTTP servers running on a background thread.
 
-Benchmarks and tests use it to talk to a real cluster over real gRPC from ordinary code.
+Benchmarks and tests use it to talk to a real cluster over real gRPC or HTTP from ordinary code.
 """
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ import asyncio
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import AsyncExitStack
 
 import grpc
 
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from router.grpc_server import GrpcServer
 from router.health import follow_health
+from router.http import running_http
+from router.metrics import ServingMetrics
 from router.serve import ServeConfig, init_ray, load_tokenizer, running_cluster
 
 
 class EmbeddedCluster:
-    """`running_cluster(config)` plus a GrpcServer on 127.0.0.1, served from a background thread.
+    """`running_cluster(config)` plus a GrpcServer and an HttpServer on 127.0.0.1 (free ports;
+    no HTTP when config.http_port is -1), served from a background thread.
 
     For benchmarks and tests that drive a real cluster with ordinary gRPC clients from the
     calling thread. Ray is started here, on the calling thread: Ray's local processes die with
@@ -30,7 +34,10 @@ class EmbeddedCluster:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.backend = None
-        self.port: int | None = None
+        self.port: int | None = None  # gRPC
+        self.http = None  # the router.http.HttpServer, unless config.http_port is -1
+        self.http_port: int | None = None
+        self.metrics = None  # the router.metrics.ServingMetrics both servers feed
         self._stop: asyncio.Event | None = None
         self._done: Future | None = None
 
@@ -69,9 +76,18 @@ class EmbeddedCluster:
         self._stop = asyncio.Event()
         try:
             tokenizer = await asyncio.to_thread(load_tokenizer, self.config.engine.model)
-            async with running_cluster(self.config) as backend:
-                server = GrpcServer(backend, tokenizer, "127.0.0.1", 0)
+            async with running_cluster(self.config) as backend, AsyncExitStack() as stack:
+                config = self.config
+                self.metrics = ServingMetrics(backend)
+                server = GrpcServer(backend, tokenizer, "127.0.0.1", 0, observe=self.metrics.observe,
+                                    default_max_tokens=config.default_max_tokens)
                 self.backend, self.port = backend, await server.start()
+                if config.http_port >= 0:
+                    self.http = await stack.enter_async_context(running_http(
+                        backend, tokenizer, "127.0.0.1", 0, metrics=self.metrics,
+                        default_max_tokens=config.default_max_tokens,
+                        max_body_bytes=config.max_request_body_bytes))
+                    self.http_port = self.http.port
                 await server.set_serving(backend.can_serve())
                 health = asyncio.get_running_loop().create_task(
                     follow_health(backend.can_serve, server.set_serving))
@@ -90,6 +106,13 @@ class EmbeddedCluster:
         async def wait():
             return await awaitable
         return asyncio.run_coroutine_threadsafe(wait(), self.loop).result(timeout)
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API, e.g. for openai.OpenAI(base_url=...)."""
+        if self.http_port is None:
+            raise RuntimeError("this cluster serves no HTTP (config.http_port is -1)")
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def stub(self) -> pb_grpc.GenerationStub:
         return pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))

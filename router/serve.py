@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 from cluster_state import ClusterKeys, RedisSettings, connect, redacted_url
@@ -31,6 +31,7 @@ from cluster_state.secret import ensure_cluster_secret, restore_cluster_secret
 from cluster_state.server import PrivateRedis
 from engine.config import EngineConfig
 from router.cluster_backend import ClusterBackend, RoutingConfig
+from router.http.server import DEFAULT_MAX_BODY_BYTES
 from router.pools import ClusterContext, ClusterStartError, ClusterView, PoolConfig, WorkerPools
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ class ServeConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     host: str = "0.0.0.0"
     grpc_port: int = 50051
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; -1: no HTTP server
+    # max_tokens of a request that names none; None: the rest of the context (as vLLM does)
+    default_max_tokens: int | None = None
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # HTTP bodies past this get a 413
     ray_address: str | None = None  # None: start a private local Ray instance
     redis_url: str | None = None  # None: start a private redis-server, owned by this router
     cluster_name: str = DEFAULT_CLUSTER_NAME
@@ -60,6 +65,12 @@ class ServeConfig:
         if self.decode_engine is not None and self.decode_engine.model != self.engine.model:
             raise ValueError("prefill and decode workers must serve the same model")
         ClusterKeys(self.cluster_name)  # validates the name
+        if self.http_port < -1:
+            raise ValueError(f"http_port must be a port, 0 (any free port) or -1 (no HTTP), got {self.http_port}")
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")
+        if self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be at least 1, got {self.max_request_body_bytes}")
 
 
 def init_ray(address: str | None, num_workers: int) -> None:
@@ -191,7 +202,9 @@ async def _pools_up(pools: WorkerPools, routers: RouterRegistry, join: bool) -> 
 
 def _router_record(config: ServeConfig) -> dict:
     return {"router_id": config.router_id, "pid": os.getpid(), "host": socket.gethostname(),
-            "grpc": f"{config.host}:{config.grpc_port}", "started_at": time.time()}
+            "grpc": f"{config.host}:{config.grpc_port}",
+            "http": f"{config.host}:{config.http_port}" if config.http_port >= 0 else None,
+            "started_at": time.time()}
 
 
 async def _heartbeat_forever(routers: RouterRegistry, config: ServeConfig, secret: bytes) -> None:
@@ -206,8 +219,6 @@ async def _heartbeat_forever(routers: RouterRegistry, config: ServeConfig, secre
 
 
 async def serve(config: ServeConfig) -> int:
-    from router.grpc_server import serve_grpc
-
     log = lambda msg: print(f"[pdserve] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     pools = config.pools
     log(f"starting {pools.mode} cluster {config.cluster_name!r}: model {config.engine.model}, "
@@ -215,11 +226,13 @@ async def serve(config: ServeConfig) -> int:
         f"{pools.num_decode_workers} {pools.decode_role} worker(s), KV transfer over "
         f"{pools.transfer_backend}, routing {config.routing.policy}, disaggregation "
         f"{config.routing.disaggregation}")
-    try:
-        check_port_free(config.host, config.grpc_port)
-    except OSError as err:
-        log(f"error: cannot listen on {config.host}:{config.grpc_port}: {err.strerror or err}")
-        return 1
+    ports = [("gRPC", config.grpc_port)] + ([("HTTP", config.http_port)] if config.http_port > 0 else [])
+    for door, port in ports:
+        try:
+            check_port_free(config.host, port)
+        except OSError as err:
+            log(f"error: cannot listen on {config.host}:{port} ({door}): {err.strerror or err}")
+            return 1
     try:
         async with running_cluster(config) as backend:
             spec = backend.pools.spec
@@ -232,14 +245,31 @@ async def serve(config: ServeConfig) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, task.cancel)
             try:
-                await serve_grpc(backend, tokenizer, config.host, config.grpc_port,
-                                 on_started=lambda port: log(f"serving gRPC on {config.host}:{port}"))
+                await _serve_front_doors(config, backend, tokenizer, log)
             except asyncio.CancelledError:
                 log("shutting down")
     except (ClusterStartError, RuntimeError) as err:
         log(f"error: {err}")
         return 1
     return 0
+
+
+async def _serve_front_doors(config: ServeConfig, backend: ClusterBackend, tokenizer, log) -> None:
+    """gRPC, and HTTP unless disabled, until cancelled; both feed one set of metrics."""
+    from router.grpc_server import serve_grpc
+    from router.http import running_http
+    from router.metrics import ServingMetrics
+
+    metrics = ServingMetrics(backend)
+    async with AsyncExitStack() as stack:
+        if config.http_port >= 0:
+            http = await stack.enter_async_context(running_http(
+                backend, tokenizer, config.host, config.http_port, metrics=metrics,
+                default_max_tokens=config.default_max_tokens, max_body_bytes=config.max_request_body_bytes))
+            log(f"serving the OpenAI-compatible HTTP API on http://{config.host}:{http.port}/v1")
+        await serve_grpc(backend, tokenizer, config.host, config.grpc_port,
+                         on_started=lambda port: log(f"serving gRPC on {config.host}:{port}"),
+                         default_max_tokens=config.default_max_tokens, observe=metrics.observe)
 
 
 def check_port_free(host: str, port: int) -> None:

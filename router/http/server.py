@@ -1,0 +1,231 @@
+"""The HTTP server: aiohttp routes for the OpenAI endpoints, health and metrics.
+
+A handler parses the body (router.http.protocol), admits the request through router.intake and
+runs it through router.relay, exactly as the gRPC servicer does. The server cancels a handler
+when its client disconnects (aiohttp's handler_cancellation), and the relay then aborts the
+request on every worker. Every error, including aiohttp's own (unknown route, body over the size
+limit), leaves as OpenAI's error JSON.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from router import relay
+from router.http.errors import ApiError, bad_request
+from router.http.protocol import ApiRequest, api_error, parse_chat, parse_completion
+from router.http.responses import Answer
+from router.intake import AdmittedRequest, Intake, InvalidArgument
+from router.metrics import CONTENT_TYPE, ServingMetrics
+from router.relay import FinalStats, Relay, RelayFailure
+from router.streaming import StreamChunk
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # a whole long-context prompt as text or token ids fits easily
+_STATUS = {relay.BUSY: 429, relay.TOO_LARGE: 400, relay.UNAVAILABLE: 503, relay.INTERNAL: 500}
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class HttpServer:
+    """The OpenAI-compatible API of one router on host:port (port 0 picks a free one).
+
+    /health answers 503 until set_serving(True), and while the backend's can_serve() is False.
+    `app` is the aiohttp Application: middlewares and routes may be added before start().
+    """
+
+    def __init__(self, backend: Any, tokenizer: Any, host: str = "0.0.0.0", port: int = 8000, *,
+                 metrics: ServingMetrics | None = None, default_max_tokens: int | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.host, self.requested_port = host, port
+        self.metrics = metrics if metrics is not None else ServingMetrics(backend)
+        self.intake = Intake(backend, tokenizer, default_max_tokens)
+        self.relay = Relay(backend, tokenizer, self.metrics.observe)
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[openai_errors])
+        self.app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics_text),
+        ])
+        self.port: int | None = None  # the bound port, known after start()
+        self._serving = False
+        self._runner: web.AppRunner | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self, grace_s: float = 5.0) -> int:
+        """Bind and start; returns the port."""
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=grace_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise RuntimeError(f"cannot listen on {self.host}:{self.requested_port} (HTTP): {exc}") from exc
+        self.port = self._runner.addresses[0][1]
+        logger.info("HTTP server listening on %s (port %d)", self.host, self.port)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        self._serving = serving
+
+    async def stop(self) -> None:
+        """Refuse new connections, let running requests finish for the grace period, then close."""
+        self._serving = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def can_serve(self) -> bool:
+        can_serve = getattr(self.backend, "can_serve", None)
+        return self._serving and (can_serve is None or bool(can_serve()))
+
+    # --- endpoints -----------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.can_serve():
+            return web.json_response({"status": "ok"})
+        raise ApiError(503, "no worker can serve requests now", code="not_serving")
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
+                 "max_model_len": self.backend.max_model_len} for name in self.backend.model_names()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion, "cmpl")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat, "chatcmpl")
+
+    # --- one request -----------------------------------------------------------------------
+    async def _generate(self, request: web.Request, parse: Callable[[Any], ApiRequest],
+                        id_prefix: str) -> web.StreamResponse:
+        admitted_at = time.monotonic()
+        fields = await read_json(request)
+        try:
+            api = parse(fields)
+            checked = replace(api.checked, request_id=f"{id_prefix}-{uuid.uuid4().hex}")
+            admitted = self.intake.with_names(api.names).admit(checked, admitted_at)
+        except InvalidArgument as exc:
+            raise api_error(exc) from exc
+        answer = Answer(api, admitted.request_id, api.model or self.backend.model_names()[0], self.tokenizer)
+        if api.stream:
+            return await self._stream(request, admitted, answer)
+        return await self._whole(admitted, answer)
+
+    async def _whole(self, admitted: AdmittedRequest, answer: Answer) -> web.Response:
+        body: dict = {}
+
+        async def emit(chunk: StreamChunk, final: FinalStats | None) -> None:
+            answer.add(chunk)
+            if final is not None:
+                body.update(answer.whole(chunk.finish_reason, final))
+
+        failure = await self.relay.run(admitted, emit)
+        if failure is not None:
+            raise failure_error(failure, answer.api)
+        return web.json_response(body)
+
+    async def _stream(self, request: web.Request, admitted: AdmittedRequest, answer: Answer) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+
+        async def send(event: dict | str) -> None:
+            nonlocal response
+            if response is None:  # headers go out with the first event: errors before it keep their status
+                response = web.StreamResponse(headers=_SSE_HEADERS)
+                await response.prepare(request)
+            data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
+            await response.write(f"data: {data}\n\n".encode())
+
+        async def emit(chunk: StreamChunk, final: FinalStats | None) -> None:
+            answer.add(chunk)
+            if answer.worth_sending(chunk, final):
+                await send(answer.chunk(chunk, final))
+            if final is not None:
+                if answer.api.include_usage:
+                    await send(answer.usage_chunk(final))
+                await send("[DONE]")
+
+        failure = await self.relay.run(admitted, emit)
+        if failure is not None and failure.kind == relay.DISCONNECTED:
+            return response or web.Response(status=499)
+        if failure is not None:
+            error = failure_error(failure, answer.api)
+            if response is None:
+                raise error
+            await send(error.body())  # mid-stream: the status is already sent
+            await send("[DONE]")
+        await response.write_eof()
+        return response
+
+
+def failure_error(failure: RelayFailure, api: ApiRequest) -> ApiError:
+    if failure.kind == relay.TOO_LARGE:
+        return bad_request(api.names.max_tokens, failure.message)
+    status = _STATUS.get(failure.kind, 500)
+    code = {429: "queue_full", 503: "no_worker"}.get(status)
+    return ApiError(status, failure.message, code=code)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON; 413 over the size limit, 400 for anything that is not JSON."""
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+@web.middleware
+async def openai_errors(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every error as OpenAI's error JSON; a bug fails its request with a 500, never the server."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:  # aiohttp's own: 404 route, 405 method, 413 body too large
+        if exc.status < 400:
+            raise
+        return ApiError(exc.status, exc.reason if exc.status != 413 else exc.text or exc.reason).response()
+    except Exception as exc:
+        logger.exception("HTTP request %s %s failed", request.method, request.path)
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+
+@asynccontextmanager
+async def running_http(backend: Any, tokenizer: Any, host: str, port: int, *, metrics: ServingMetrics,
+                       default_max_tokens: int | None = None,
+                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> AsyncIterator[HttpServer]:
+    """An HttpServer started and serving for the block's life, then stopped gracefully."""
+    server = HttpServer(backend, tokenizer, host, port, metrics=metrics, default_max_tokens=default_max_tokens,
+                        max_body_bytes=max_body_bytes)
+    await server.start()
+    await server.set_serving(True)
+    try:
+        yield server
+    finally:
+        await asyncio.shield(server.stop())
