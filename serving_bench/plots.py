@@ -46,11 +46,7 @@ def plot_latency_cdfs(runs: list[dict], path: str, title: str) -> str:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)
 
 
 def plot_goodput(series: dict[str, list[dict]], path: str, title: str) -> str:
@@ -69,6 +65,10 @@ def plot_goodput(series: dict[str, list[dict]], path: str, title: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
+    return save(plt, fig, path)
+
+
+def save(plt, fig, path: str) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
