@@ -12,7 +12,7 @@ measure, per request, TTFT (time to the first streamed text), TPOT ((E2E - TTFT)
 tokens - 1)), ITL (every gap between streamed chunks) and E2E; print mean / p50 / p90 / p99 of
 each, request and token throughput, completed and failed counts and goodput under --slo. Every
 request streams (SSE) with stream_options.include_usage; token counts are the server's. Failed
-requests are counted and reported with their error.
+requests are counted and reported with their error; the exit status is 1 when any failed.
 """
 
 
