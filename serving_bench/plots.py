@@ -53,13 +53,14 @@ def plot_goodput(series: dict[str, list[dict]], path: str, title: str) -> str:
     """`series`: a name -> run records with finite request rates (one line of each kind per name)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in series.items():
+    for i, (name, runs) in enumerate(series.items()):
         runs = [r for r in runs if not math.isinf(float(r["load"]["request_rate"]))]
         rates = [float(r["load"]["request_rate"]) for r in runs]
-        ax.plot(rates, [r["summary"]["request_throughput"] for r in runs], "--", marker="o",
-                alpha=0.6, label=f"{name}: throughput")
+        ax.plot(rates, [r["summary"]["request_throughput"] for r in runs], "--", marker="o", color=f"C{i}",
+                alpha=0.5, label=f"{name}: throughput")
         if runs and runs[0]["summary"]["goodput"] is not None:
-            ax.plot(rates, [r["summary"]["goodput"] for r in runs], marker="s", label=f"{name}: goodput")
+            ax.plot(rates, [r["summary"]["goodput"] for r in runs], marker="s", color=f"C{i}",
+                    label=f"{name}: goodput")
     ax.set_xlabel("offered request rate (req/s)")
     ax.set_ylabel("req/s")
     ax.grid(alpha=0.3)
