@@ -17,7 +17,7 @@ from serving_bench.report import result_block, run_record, sweep_table, write_js
 from serving_bench.workloads import RandomLengths, SharedPrefix, ShareGPTLike, sweep_workloads
 
 
-def workload_spec(args: argparse.Namespace):
+def workload_spec(args: argparse.Namespace) -> RandomLengths | SharedPrefix | ShareGPTLike:
     if args.workload == "random":
         if not 0 <= args.random_range_ratio < 1:
             raise ValueError("--random-range-ratio must be in [0, 1)")

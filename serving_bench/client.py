@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -80,7 +81,7 @@ def chunk_text(chunk: dict) -> str:
     return choice.get("text") or ""
 
 
-async def sse_events(response: aiohttp.ClientResponse):
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
     """The `data:` payloads of an SSE stream, one per event (multi-line data joined by newlines)."""
     data: list[str] = []
     async for raw in response.content:
