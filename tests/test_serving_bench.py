@@ -245,6 +245,57 @@ def test_connection_refused_is_a_failed_request():
     assert not result.ok and "Connect" in result.error
 
 
+def test_bench_command_reports_failed_requests_and_exits_nonzero(tmp_path, capsys):
+    import threading
+
+    from serving_bench.cli import main
+
+    async def models(request):
+        return web.json_response({"data": [{"id": "scripted"}]})
+
+    async def refuse_every_third(request):
+        refuse_every_third.calls += 1
+        if refuse_every_third.calls % 3 == 0:
+            return web.json_response({"error": {"message": "queue is full", "type": "rate_limit"}}, status=429)
+        return await scripted_completions(request)
+    refuse_every_third.calls = 0
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", refuse_every_third)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        out = tmp_path / "r.json"
+        status = main(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "9", "--max-concurrency", "1",
+                       "--random-input-len", "4", "--random-output-len", "3", "--no-progress",
+                       "--result-json", str(out)])
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    assert status == 1
+    summary = json.loads(out.read_text())["runs"][0]["summary"]
+    assert (summary["completed"], summary["failed"]) == (6, 3)
+    assert summary["errors"] == {"HTTP 429: queue is full": 3}
+    printed = capsys.readouterr().out
+    assert "Failed requests:" in printed and "FAILED x3: HTTP 429: queue is full" in printed
+
+
+def test_every_bench_flag_is_explained():
+    from serving_bench.cli import build_parser
+
+    actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) > 25
+    assert all(a.help and len(a.help) > 15 for a in actions), [a.dest for a in actions if not a.help]
+
+
 # --- end to end: `pdserve bench` against `pdserve serve --http-port` -----------------------------
 
 @pytest.mark.slow
