@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(log_path, "w") as router_log:
         router = subprocess.Popen(router_process_command() + [
-            "serve", "--model", model, "--grpc-port", str(port), "--host", "127.0.0.1",
+            "serve", "--model", model, "--grpc-port", str(port), "--http-port", "0", "--host", "127.0.0.1",
             "--max-queued-requests", str(args.max_queued_requests)], stdout=router_log, stderr=subprocess.STDOUT)
         try:
             log("starting pdserve serve")

@@ -170,6 +170,21 @@ def cmd_client(args: argparse.Namespace) -> int:
     return run_client_from_args(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serving_bench.cli import run_from_args
+
+    return run_from_args(args)
+
+
+def add_bench_parser(sub) -> None:
+    from serving_bench.flags import DESCRIPTION, add_bench_arguments
+
+    bench = sub.add_parser("bench", help="benchmark a running server over its OpenAI HTTP API",
+                           description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
 def add_serve_parser(sub) -> None:
     serve = sub.add_parser(
         "serve", help="start the cluster: Ray, prefill and decode pools, gRPC and HTTP servers",
@@ -312,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_client_parser(sub)
     add_down_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ Redis restart, and the private server's lifecycle."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -214,3 +215,30 @@ def test_private_redis_dies_with_its_owner_and_reports_a_bad_binary(tmp_path):
     fake.chmod(0o755)
     with pytest.raises(RedisServerError, match="cannot start"):
         PrivateRedis(binary=str(fake)).start()
+
+
+def test_load_reports_carry_prefix_cache_and_kv_transfer_figures_through_json():
+    import dataclasses
+
+    from cluster_state.presence import load_report
+    from engine.step_stats import EngineLoad
+    from kv_transfer.counters import TransferCounters
+
+    counters = TransferCounters("shm")
+    counters.add_chunk(4096, 0.5)
+    counters.add_transfer()
+    counters.add_failure()
+    engine_load = EngineLoad(num_running=1, num_waiting=0, num_waiting_for_kv=0, num_unfinished=1,
+                             max_num_seqs=4, num_free_blocks=3, num_blocks=8, queued_prefill_tokens=0,
+                             max_num_batched_tokens=64, step_base_s=0.0, mixed_step_s=0.0,
+                             prefill_s_per_token=0.0, decode_s_per_seq=0.0, step_samples=0,
+                             prefix_cache_queries=40, prefix_cache_hits=16)
+    report = load_report(engine_load, kv_transfer={"shm": counters.snapshot().as_load()})
+    again = LoadReport.from_json(report.to_json())
+    assert again == report
+    assert (again.prefix_cache_queries, again.prefix_cache_hits) == (40, 16)
+    assert again.kv_transfer == {"shm": {"bytes": 4096, "seconds": 0.5, "transfers": 1, "failures": 1}}
+    # A report from a worker that predates these figures still reads, with zeros.
+    old = {k: v for k, v in dataclasses.asdict(report).items()
+           if k not in ("prefix_cache_queries", "prefix_cache_hits", "kv_transfer")}
+    assert LoadReport.from_json(json.dumps(old)).kv_transfer == {}

@@ -73,7 +73,7 @@ def test_readme_commands_in_a_fresh_clone_under_stock_debian_python(fresh_clone)
     port = free_port()
     log = os.path.join(os.path.dirname(clone), "serve.log")
     with open(log, "w") as out:
-        server = subprocess.Popen(["bash", "deploy/quickstart.sh", "serve", "--grpc-port", str(port)],
+        server = subprocess.Popen(["bash", "deploy/quickstart.sh", "serve", "--grpc-port", str(port), "--http-port", "0"],
                                   cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:

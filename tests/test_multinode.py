@@ -50,7 +50,7 @@ def test_workers_on_their_nodes_move_kv_over_torch_distributed(tmp_path, nodes, 
     log = open(tmp_path / "router.log", "w")
     router = subprocess.Popen(router_process_command() + [
         "serve", "--ray-address", nodes.address, "--redis-url", redis_server.url, "--cluster-name", cluster_name,
-        "--grpc-port", str(port), "--host", "127.0.0.1", "--model", model, "--dtype", "float32",
+        "--grpc-port", str(port), "--http-port", "0", "--host", "127.0.0.1", "--model", model, "--dtype", "float32",
         "--kv-cache-memory-gb", "0.01", "--torch-threads", "1", "--disaggregation", "always"],
         stdout=log, stderr=subprocess.STDOUT, env=nodes.env(pdserve_env()))
     try:

@@ -36,7 +36,7 @@ def start_router(tmp_path, name: str, port: int, ray_head, redis_url: str, clust
     log = open(tmp_path / f"{name}.log", "w")
     args = router_process_command() + [
         "serve", "--ray-address", ray_head.address, "--redis-url", redis_url, "--cluster-name", cluster,
-        "--grpc-port", str(port), "--host", "127.0.0.1", "--model", model, "--dtype", "float32",
+        "--grpc-port", str(port), "--http-port", "0", "--host", "127.0.0.1", "--model", model, "--dtype", "float32",
         "--device", "cpu", "--block-size", "16", "--kv-cache-memory-gb", "0.15", "--max-num-seqs", "8",
         "--torch-threads", "1", "--router-lease", str(ROUTER_LEASE_S), "--no-http", *extra]
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True,

@@ -15,6 +15,8 @@ from router.http.errors import ApiError, bad_request
 from router.intake import FieldNames, GenerateInput, InvalidArgument, make_sampling_params
 
 MAX_TEMPERATURE = 2.0  # OpenAI's bound
+# seed and priority: the ranges of the gRPC API's int64 and int32 (the lowest priority is kept for
+# requests resumed after a worker's loss).
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def _checked(body: Body, names: FieldNames, logprobs: int | None, logprobs_field
     temperature = body.number("temperature", None, high=MAX_TEMPERATURE)
     kwargs: dict[str, Any] = {
         "temperature": temperature, "top_p": body.number("top_p", None), "top_k": body.integer("top_k", None),
-        "min_p": body.number("min_p", None), "seed": body.integer("seed", None, low=-2**63, high=2**64 - 1),
+        "min_p": body.number("min_p", None), "seed": body.integer("seed", None, low=-2**63, high=2**63 - 1),
         "repetition_penalty": body.number("repetition_penalty", None),
         "presence_penalty": body.number("presence_penalty", None),
         "frequency_penalty": body.number("frequency_penalty", None),
