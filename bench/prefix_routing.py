@@ -100,14 +100,15 @@ def run_policy(args, policy: str, requests) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="demo, an HF model directory or a .gguf file")
-    parser.add_argument("--prefixes", type=int, default=12, help="distinct system prompts (default 12)")
-    parser.add_argument("--prefix-tokens", type=int, default=384, help="tokens per system prompt (default 384)")
-    parser.add_argument("--requests", type=int, default=96, help="requests per policy (default 96)")
-    parser.add_argument("--concurrency", type=int, default=6, help="requests in flight (default 6)")
+    parser.add_argument("--prefixes", type=int, default=8, help="distinct system prompts (default 8)")
+    parser.add_argument("--prefix-tokens", type=int, default=1024, help="tokens per system prompt (default 1024)")
+    parser.add_argument("--requests", type=int, default=384, help="requests per policy (default 384)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     parser.add_argument("--output-tokens", type=int, default=8, help="new tokens per request (default 8)")
-    parser.add_argument("--kv-cache-gb", type=float, default=0.12,
+    parser.add_argument("--kv-cache-gb", type=float, default=0.2,
                         help="KV cache per worker in GiB: sized so one worker holds fewer than all "
-                             "the prefixes (default 0.12: about 2700 tokens of the demo model)")
+                             "the prefixes (default 0.2: about 4600 tokens of the demo model, 4 "
+                             "of the 8 default prefixes and the requests running)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--disaggregation", default="auto", choices=["auto", "always", "never"],
                         help="the cluster's disaggregation policy for both runs (default auto)")

@@ -113,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from router.cluster_backend import RoutingConfig
     from router.pools import PoolConfig
+    from router.security.flags import limits_from_args, security_from_args
     from router.serve import ServeConfig, serve
 
     configure_logging()
@@ -133,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             default_max_tokens=args.default_max_tokens, max_request_body_bytes=args.max_request_body_bytes,
             ray_address=args.ray_address,
-            redis_url=args.redis_url, cluster_name=args.cluster_name, join=args.join)
+            redis_url=args.redis_url, cluster_name=args.cluster_name, join=args.join,
+            security=security_from_args(args), limits=limits_from_args(args))
     except (TypeError, ValueError) as err:
         print(f"pdserve serve: {err}", file=sys.stderr)
         return 2
@@ -166,6 +168,21 @@ def cmd_client(args: argparse.Namespace) -> int:
     from router.client import run_client_from_args
 
     return run_client_from_args(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serving_bench.cli import run_from_args
+
+    return run_from_args(args)
+
+
+def add_bench_parser(sub) -> None:
+    from serving_bench.flags import DESCRIPTION, add_bench_arguments
+
+    bench = sub.add_parser("bench", help="benchmark a running server over its OpenAI HTTP API",
+                           description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
 
 def add_serve_parser(sub) -> None:
@@ -248,6 +265,9 @@ def add_serve_parser(sub) -> None:
                    help="attach to the worker pools an earlier router of this cluster created, "
                         "and fail if there are none (without it a router attaches when pools "
                         "exist and creates them otherwise)")
+    from router.security.flags import add_security_flags
+
+    add_security_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -307,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_client_parser(sub)
     add_down_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -6,7 +6,9 @@ runs standalone through client_main(argv).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -20,6 +22,28 @@ from router.convert import finish_reason_name, sampling_params_to_proto
 EXIT_OK = 0
 EXIT_RPC_ERROR = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a server: its API key and TLS files (all optional)."""
+
+    api_key: str | None = None
+    tls_ca: str | None = None  # trust this CA (with TLS on); None with tls: the system's roots
+    tls_cert: str | None = None  # client certificate, for mutual TLS
+    tls_key: str | None = None
+    tls: bool = False
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+    def channel(self, target: str) -> grpc.Channel:
+        if not (self.tls or self.tls_ca or self.tls_cert):
+            return grpc.insecure_channel(target)
+        from router.security.tls import client_credentials
+
+        return grpc.secure_channel(target, client_credentials(self.tls_ca, self.tls_cert, self.tls_key))
 
 
 def build_request(
@@ -79,6 +103,9 @@ def run_client(
     show_usage: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    connection: Connection = Connection(),
+    request_id: str = "",
+    resume_from: int | None = None,
 ) -> int:
     """Stream one generation from the server at target; returns a process exit code.
 
@@ -87,9 +114,13 @@ def run_client(
     out = out or sys.stdout
     err = err or sys.stderr
     request = build_request(prompt, max_tokens, temperature, chat, model, system, stop, seed, params)
+    request.request_id = request_id
+    if resume_from is not None:
+        request.resume_from = resume_from
     last: pb.GenerateResponse | None = None
-    with grpc.insecure_channel(target) as channel:
-        call = pb_grpc.GenerationStub(channel).Generate(request, timeout=timeout)
+    with connection.channel(target) as channel:
+        call = pb_grpc.GenerationStub(channel).Generate(request, timeout=timeout,
+                                                        metadata=connection.metadata)
         try:
             for response in call:
                 out.write(response.text)
@@ -132,6 +163,17 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print token counts and timing")
+    parser.add_argument("--request-id", default="", help="the request's id (default: the server picks one)")
+    parser.add_argument("--resume-from", type=int, default=None, metavar="N",
+                        help="resume request --request-id, begun on a router that died, after the N "
+                             "tokens already received")
+    parser.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+                        help="API key sent as `authorization: Bearer KEY` (default: $PDSERVE_API_KEY)")
+    parser.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="connect over TLS, trusting this CA")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="client certificate for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="the client certificate's key")
 
 
 def run_client_from_args(args: argparse.Namespace) -> int:
@@ -147,6 +189,9 @@ def run_client_from_args(args: argparse.Namespace) -> int:
         seed=args.seed,
         timeout=args.timeout,
         show_usage=args.usage,
+        connection=Connection(args.api_key, args.tls_ca, args.tls_cert, args.tls_key, args.tls),
+        request_id=args.request_id,
+        resume_from=args.resume_from,
     )
 
 

@@ -25,6 +25,7 @@ from cluster_state.aio import stop_tasks
 from cluster_state.block_index import BlockIndexFollower
 from cluster_state.connection import is_redis_error
 from cluster_state.journal import RequestJournal
+from cluster_state.routers import RouterRegistry
 from engine.sampling_params import SamplingParams
 from router.admission import AdmissionQueue, QueuedRequest
 from router.admission.dispatcher import Dispatcher, Placement
@@ -88,7 +89,8 @@ class _Stream:
 
 class ClusterBackend:
     def __init__(self, pools: WorkerPools, view: ClusterView, index_follower: BlockIndexFollower | None,
-                 routing: RoutingConfig, router_id: str, journal: RequestJournal | None = None) -> None:
+                 routing: RoutingConfig, router_id: str, journal: RequestJournal | None = None,
+                 routers: RouterRegistry | None = None) -> None:
         self.pools = pools
         self.view = view
         self.index_follower = index_follower  # keeps the KV block index current (None: no index)
@@ -105,6 +107,7 @@ class ClusterBackend:
         self._attempts: dict[str, _Stream] = {}  # worker request id -> stream
         self.resumed = 0  # requests placed again after losing a worker
         self.journal = journal  # what other routers need to take a stream over (None: no journal)
+        self.routers = routers  # the cluster's routers: whose streams may be taken over
         self.pumps = TokenPumps(view, router_id, self._route, self._queues_on,
                                 self.dispatcher.capacity_changed.set,
                                 self._journal_tokens if journal is not None else None)

@@ -17,7 +17,7 @@ from router.grpc_server import GrpcServer
 from router.health import follow_health
 from router.http import running_http
 from router.metrics import ServingMetrics
-from router.serve import ServeConfig, init_ray, load_tokenizer, running_cluster
+from router.serve import ServeConfig, front_door_gatekeeper, init_ray, load_tokenizer, running_cluster
 
 
 class EmbeddedCluster:
@@ -79,14 +79,15 @@ class EmbeddedCluster:
             async with running_cluster(self.config) as backend, AsyncExitStack() as stack:
                 config = self.config
                 self.metrics = ServingMetrics(backend)
+                gate = front_door_gatekeeper(config, backend)
                 server = GrpcServer(backend, tokenizer, "127.0.0.1", 0, observe=self.metrics.observe,
-                                    default_max_tokens=config.default_max_tokens)
+                                    default_max_tokens=config.default_max_tokens, gatekeeper=gate)
                 self.backend, self.port = backend, await server.start()
                 if config.http_port >= 0:
                     self.http = await stack.enter_async_context(running_http(
                         backend, tokenizer, "127.0.0.1", 0, metrics=self.metrics,
                         default_max_tokens=config.default_max_tokens,
-                        max_body_bytes=config.max_request_body_bytes))
+                        max_body_bytes=config.max_request_body_bytes, gatekeeper=gate))
                     self.http_port = self.http.port
                 await server.set_serving(backend.can_serve())
                 health = asyncio.get_running_loop().create_task(

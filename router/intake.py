@@ -11,9 +11,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from router.limits import RequestLimits
 
 
 class InvalidArgument(ValueError):
@@ -39,6 +42,8 @@ class FieldNames:
     token_ids: str = "token_ids.ids"
     max_tokens: str = "sampling_params.max_tokens"
     stop_token_ids: str = "sampling_params.stop_token_ids"
+    stop: str = "sampling_params.stop"
+    logprobs: str = "sampling_params.logprobs"
 
 
 GRPC_FIELDS = FieldNames()
@@ -117,16 +122,17 @@ class Intake:
     """
 
     def __init__(self, backend: Any, tokenizer: Any, default_max_tokens: int | None = None,
-                 names: FieldNames = GRPC_FIELDS) -> None:
+                 names: FieldNames = GRPC_FIELDS, limits: "RequestLimits | None" = None) -> None:
         if default_max_tokens is not None and default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
         self.backend = backend
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
         self.names = names
+        self.limits = limits  # router.limits.RequestLimits: stop lists, logprobs, prompt length
 
     def with_names(self, names: FieldNames) -> "Intake":
-        return Intake(self.backend, self.tokenizer, self.default_max_tokens, names)
+        return Intake(self.backend, self.tokenizer, self.default_max_tokens, names, self.limits)
 
     def admit(self, checked: GenerateInput, admitted_at: float | None = None) -> AdmittedRequest:
         """Validate and tokenize; raises InvalidArgument naming the offending field."""
@@ -134,6 +140,9 @@ class Intake:
         self.check_model(checked.model)
         prompt_ids = self._tokenize(checked)
         self._check_token_range(self.names.stop_token_ids, checked.params.stop_token_ids)
+        if self.limits is not None:
+            self.limits.check_params(checked.params, self.names)
+            self.limits.check_prompt_tokens(len(prompt_ids), input_field(checked, self.names))
         params = self._fit_context(checked, len(prompt_ids))
         request_id = checked.request_id or f"req-{uuid.uuid4().hex}"
         return AdmittedRequest(request_id, prompt_ids, params, checked.priority, admitted_at)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from router.backend import BackendError, GenerationBackend, QueueFullError, RequestTooLargeError
+from router.backend import BackendError, GenerationBackend, QueueFullError, RequestTooLargeError, TokenDelta
 from router.intake import AdmittedRequest
 from router.streaming import StreamChunk, TextStream
 
@@ -71,19 +71,24 @@ class Relay:
         self.tokenizer = tokenizer
         self.observe = observe
 
-    async def run(self, request: AdmittedRequest, emit: Emit) -> RelayFailure | None:
+    async def run(self, request: AdmittedRequest, emit: Emit, stream: TextStream | None = None,
+                  deltas: AsyncIterator[TokenDelta] | None = None) -> RelayFailure | None:
         """Relay backend deltas through emit; returns the failure to report, if any.
 
         emit(chunk, None) for each chunk with tokens or text, then emit(last_chunk, stats) once.
+        `stream`, when given, is the TextStream to use (the caller reads its token count after);
+        `deltas`, when given, replaces backend.generate() (a stream taken over from another router,
+        already held by the backend under request.request_id).
         Invariant: when this returns or raises, the backend holds nothing for the request —
         either it finished on its own, refused it, or abort() was called.
         """
         timing = _Timing(request.admitted_at)
-        stream = TextStream(self.tokenizer, request.prompt_token_ids, request.params)
-        held_by_backend, failure, deltas = True, None, None
+        stream = stream or self.text_stream(request)
+        held_by_backend, failure = True, None
         try:
-            deltas = self.backend.generate(request.request_id, request.prompt_token_ids, request.params,
-                                           request.priority)
+            if deltas is None:
+                deltas = self.backend.generate(request.request_id, request.prompt_token_ids, request.params,
+                                               request.priority)
             async for delta in deltas:
                 timing.tokens(len(delta.new_token_ids))
                 chunk = stream.process(delta)
@@ -121,6 +126,9 @@ class Relay:
                 await self.abort(request.request_id)
         self._observe(request, stream, timing, None, failure.kind)
         return failure
+
+    def text_stream(self, request: AdmittedRequest) -> TextStream:
+        return TextStream(self.tokenizer, request.prompt_token_ids, request.params)
 
     async def abort(self, request_id: str) -> None:
         # Shielded: on a client cancel or deadline this runs while the handler task is being

@@ -32,7 +32,9 @@ from cluster_state.server import PrivateRedis
 from engine.config import EngineConfig
 from router.cluster_backend import ClusterBackend, RoutingConfig
 from router.http.server import DEFAULT_MAX_BODY_BYTES
+from router.limits import RequestLimits
 from router.pools import ClusterContext, ClusterStartError, ClusterView, PoolConfig, WorkerPools
+from router.security import Gatekeeper, SecurityConfig, TlsError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class ServeConfig:
     cluster_name: str = DEFAULT_CLUSTER_NAME
     join: bool = False  # attach to existing pools only; never create them
     router_id: str = field(default_factory=lambda: f"router-{uuid.uuid4().hex[:8]}")
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # API keys, rate limits, TLS
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
         if self.decode_engine is not None and self.decode_engine.model != self.engine.model:
@@ -166,7 +170,8 @@ async def running_cluster(config: ServeConfig) -> AsyncIterator[ClusterBackend]:
                     redis, keys, lambda: [w.key for w in view.workers.values() if w.registered])
                 tasks += [asyncio.create_task(view.run()), asyncio.create_task(follower.run())]
                 journal = RequestJournal(redis, keys, config.router_id)
-                backend = ClusterBackend(pools, view, follower, config.routing, config.router_id, journal)
+                backend = ClusterBackend(pools, view, follower, config.routing, config.router_id, journal,
+                                         routers=routers)
                 await backend.start()
                 try:
                     yield backend
@@ -234,6 +239,12 @@ async def serve(config: ServeConfig) -> int:
             log(f"error: cannot listen on {config.host}:{port} ({door}): {err.strerror or err}")
             return 1
     try:
+        if config.security.tls is not None:
+            config.security.tls.load()  # fail now, not after loading the model
+    except TlsError as err:
+        log(f"error: {err}")
+        return 1
+    try:
         async with running_cluster(config) as backend:
             spec = backend.pools.spec
             if not backend.pools.created:
@@ -254,6 +265,11 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
+def front_door_gatekeeper(config: ServeConfig, backend: ClusterBackend) -> Gatekeeper:
+    """The router's API keys, rate limits (buckets in the cluster's Redis), limits and TLS."""
+    return Gatekeeper.build(config.security, config.limits, backend.routers.redis, backend.routers.keys)
+
+
 async def _serve_front_doors(config: ServeConfig, backend: ClusterBackend, tokenizer, log) -> None:
     """gRPC, and HTTP unless disabled, until cancelled; both feed one set of metrics."""
     from router.grpc_server import serve_grpc
@@ -261,15 +277,19 @@ async def _serve_front_doors(config: ServeConfig, backend: ClusterBackend, token
     from router.metrics import ServingMetrics
 
     metrics = ServingMetrics(backend)
+    gate = front_door_gatekeeper(config, backend)
+    scheme = "http" if gate.tls is None else "https"
     async with AsyncExitStack() as stack:
         if config.http_port >= 0:
             http = await stack.enter_async_context(running_http(
                 backend, tokenizer, config.host, config.http_port, metrics=metrics,
-                default_max_tokens=config.default_max_tokens, max_body_bytes=config.max_request_body_bytes))
-            log(f"serving the OpenAI-compatible HTTP API on http://{config.host}:{http.port}/v1")
+                default_max_tokens=config.default_max_tokens, max_body_bytes=config.max_request_body_bytes,
+                gatekeeper=gate))
+            log(f"serving the OpenAI-compatible HTTP API on {scheme}://{config.host}:{http.port}/v1")
         await serve_grpc(backend, tokenizer, config.host, config.grpc_port,
                          on_started=lambda port: log(f"serving gRPC on {config.host}:{port}"),
-                         default_max_tokens=config.default_max_tokens, observe=metrics.observe)
+                         default_max_tokens=config.default_max_tokens, observe=metrics.observe,
+                         gatekeeper=gate)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -93,3 +93,12 @@ def cluster_name(request) -> str:
     import uuid
 
     return re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fuzz tests' case counts, visible even with -q."""
+    from tests.fuzz_report import summary_line
+
+    line = summary_line()
+    if line:
+        terminalreporter.write_line(line)

@@ -155,7 +155,7 @@ def test_blocks_held_for_a_dead_peer_come_back_within_10_seconds(cluster, demo_g
     Decode side: the blocks reserved for the dead prefill worker come back when its lease lapses.
     Prefill side: the blocks a prefill worker holds for a dead decode worker come back once it
     finds its peer gone."""
-    prompt = prompts(demo_gguf_path, 1, 500, seed=3)[0]  # seconds of prefill on one thread
+    prompt = prompts(demo_gguf_path, 1, 1500, seed=3)[0]  # seconds of prefill on one thread
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     measured = {}
     for attempt, (dead, survivor) in enumerate((("prefill-1", "decode-0"), ("decode-0", "prefill-1"))):
@@ -169,8 +169,12 @@ def test_blocks_held_for_a_dead_peer_come_back_within_10_seconds(cluster, demo_g
         reply = cluster.run(decode.actor.admit.remote("test", rid, prompt, params, True, (), ("prefill-1", prefill.node)))
         assert reply.admitted
         pending = prefill.actor.prefill.remote(rid, prompt, params, reply.reservation.ticket, decode.actor)
-        wait_until(lambda: free_blocks(cluster, "prefill-1")[0] < free_blocks(cluster, "prefill-1")[1], 60,
-                   "prefill-1 to be computing the prompt")
+        def computing() -> bool:
+            import ray
+            if ray.wait([pending], timeout=0)[0]:
+                raise AssertionError(f"the prefill ended before it was seen computing: {cluster.run(pending)!r}")
+            return free_blocks(cluster, "prefill-1")[0] < free_blocks(cluster, "prefill-1")[1]
+        wait_until(computing, 60, "prefill-1 to be computing the prompt")
         assert free_blocks(cluster, survivor)[0] < baseline[0]  # the survivor holds blocks for it
         os.kill(pid, signal.SIGKILL)
         measured[f"{survivor} after {dead} died"] = wait_until(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 
 import grpc
 import psutil
@@ -59,8 +60,14 @@ def test_workers_on_their_nodes_move_kv_over_torch_distributed(tmp_path, nodes, 
         workers = live_workers(redis_server.url, cluster_name)
         assert workers["prefill-0"].record.node_ip == "127.0.0.2"
         assert workers["decode-0"].record.node_ip == "127.0.0.3"
-        # Every ticket went out over torch.distributed, the backend between two nodes.
-        assert workers["decode-0"].load.transfer_choices == {"torch_dist": len(PROMPTS)}
+        # Every ticket went out over torch.distributed, the backend between two nodes. The
+        # figure arrives with the decode worker's next load report: read until it is there.
+        deadline = time.monotonic() + 10
+        choices = workers["decode-0"].load.transfer_choices
+        while choices != {"torch_dist": len(PROMPTS)} and time.monotonic() < deadline:
+            time.sleep(0.2)
+            choices = live_workers(redis_server.url, cluster_name)["decode-0"].load.transfer_choices
+        assert choices == {"torch_dist": len(PROMPTS)}, (tmp_path / "router.log").read_text()[-4000:]
         for name in ("prefill-0", "decode-0"):
             record = workers[name].record
             for endpoint in record.endpoints.values():

@@ -157,6 +157,20 @@ def test_recent_routes_count_as_cached_until_they_expire():
     assert recent.longest_prefixes([21, 22], [("prefill-0", 1)]) == {("prefill-0", 1): 0}
 
 
+def test_recent_routes_stop_speaking_for_blocks_once_the_index_shows_them():
+    """After the index has shown a worker holding a block, only the index speaks for it: when
+    the worker evicts it, the router stops counting it as cached there."""
+    from router.routing.recent import RecentRoutes
+
+    recent = RecentRoutes(ttl_s=10.0, clock=lambda: 100.0)
+    key = ("decode-0", 1)
+    recent.record(key, [11, 12, 13])
+    recent.confirmed(key, [11, 12])
+    assert recent.longest_prefixes([11, 12, 13], [key]) == {key: 0}
+    recent.record(key, [11])  # sent there again: counts again until the index catches up
+    assert recent.longest_prefixes([11, 12], [key]) == {key: 1}
+
+
 def test_a_local_prefill_pays_for_slowing_every_decode_step_it_joins():
     """Where a step that carries prefill tokens costs much more than a decode-only one (a CPU:
     torch instead of the native decode call), even a short prompt is sent out once a few

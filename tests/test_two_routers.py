@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from engine import LLM, SamplingParams
+from protos.pdserve.v1 import generation_pb2 as pb
 from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.cluster_helpers import stop_process, live_workers, collect, greedy_request, router_process_command, wait_for_serving
 from tests.ray_nodes import RayNode, pdserve_env
@@ -37,7 +38,7 @@ def start_router(tmp_path, name: str, port: int, ray_head, redis_url: str, clust
         "serve", "--ray-address", ray_head.address, "--redis-url", redis_url, "--cluster-name", cluster,
         "--grpc-port", str(port), "--http-port", "0", "--host", "127.0.0.1", "--model", model, "--dtype", "float32",
         "--device", "cpu", "--block-size", "16", "--kv-cache-memory-gb", "0.15", "--max-num-seqs", "8",
-        "--torch-threads", "1", "--router-lease", str(ROUTER_LEASE_S), *extra]
+        "--torch-threads", "1", "--router-lease", str(ROUTER_LEASE_S), "--no-http", *extra]
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env=ray_head.env(pdserve_env())), log
 
@@ -130,3 +131,82 @@ def test_pdserve_down_stops_the_pools_a_killed_router_left_behind(
         assert router.wait(timeout=120) == 0
     finally:
         stop_process(router, log)
+
+
+def test_a_stream_resumes_on_another_router_after_its_router_is_killed(
+        tmp_path, long_tiny_checkpoint, redis_server, ray_head, cluster_name):
+    """Acceptance: kill -9 of the router mid-stream after k tokens; the client resumes on the
+    other router with the same request id and resume_from=k and gets the rest, each token once:
+    the concatenation equals an uninterrupted engine.LLM greedy run. Both routers require an API
+    key and share one rate limit through Redis."""
+    from cluster_state.server import free_port
+
+    model, prompt, total = long_tiny_checkpoint, PROMPTS[3], 1200
+    params = SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
+    expected = LLM(model, dtype="float32", device="cpu").generate([prompt], params)[0].token_ids
+    port_a, port_b = free_port(), free_port()
+    security = ("--api-key", "secret-key", "--rate-limit-rpm", "2")
+    key = (("authorization", "Bearer secret-key"),)
+    router_a, log_a = start_router(tmp_path, "a", port_a, ray_head, redis_server.url, cluster_name, model,
+                                   *security)
+    router_b = log_b = None
+    try:
+        wait_for_serving(f"127.0.0.1:{port_a}", router_a, 300, tmp_path / "a.log")  # health needs no key
+        router_b, log_b = start_router(tmp_path, "b", port_b, ray_head, redis_server.url, cluster_name,
+                                       model, "--join", *security)
+        wait_for_serving(f"127.0.0.1:{port_b}", router_b, 300, tmp_path / "b.log")
+        stub_a = pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{port_a}"))
+        stub_b = pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{port_b}"))
+        received: list[int] = []
+        stream = stub_a.Generate(greedy_request(prompt, total, request_id="resume-me"), metadata=key)
+        for response in stream:
+            received.extend(response.token_ids)
+            if len(received) >= 16:
+                break
+        os.kill(router_a.pid, signal.SIGKILL)
+        router_a.wait()
+        k = len(received)
+        assert k < total  # killed mid-stream
+
+        resume = pb.GenerateRequest(request_id="resume-me", resume_from=k)
+        deadline = time.monotonic() + 60
+        while True:  # UNAVAILABLE until A's router lease runs out: it might still be alive
+            try:
+                rest, _, last = collect(stub_b.Generate(resume, timeout=120, metadata=key))
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                assert "still running" in err.details() and time.monotonic() < deadline
+                time.sleep(0.5)
+        assert received + rest == expected  # no gap, no duplicate, greedy as uninterrupted
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == total
+
+        # Refusals name what is wrong: an id never seen, more tokens than were journaled.
+        with pytest.raises(grpc.RpcError) as unknown:
+            collect(stub_b.Generate(pb.GenerateRequest(request_id="never-seen", resume_from=0), timeout=30,
+                                    metadata=key))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "never-seen" in unknown.value.details()
+        with pytest.raises(grpc.RpcError) as beyond:
+            collect(stub_b.Generate(pb.GenerateRequest(request_id="resume-me", resume_from=total + 5), timeout=30,
+                                    metadata=key))
+        assert beyond.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert f"journal has {total} tokens" in beyond.value.details()
+        # The finished stream resumed at its end: nothing more to send, the end again.
+        tail, _, last = collect(stub_b.Generate(pb.GenerateRequest(request_id="resume-me", resume_from=total),
+                                                timeout=30, metadata=key))
+        assert tail == [] and last.finish_reason == pb.FINISH_REASON_LENGTH
+        # The key's 2 requests a minute: A's stream took one (a resumption takes none), so B
+        # serves one more and refuses the next, with a retry-after.
+        with pytest.raises(grpc.RpcError) as keyless:
+            collect(stub_b.Generate(greedy_request(prompt, 2), timeout=30))
+        assert keyless.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert len(collect(stub_b.Generate(greedy_request(prompt, 2), timeout=30, metadata=key))[0]) == 2
+        with pytest.raises(grpc.RpcError) as limited:
+            collect(stub_b.Generate(greedy_request(prompt, 2), timeout=30, metadata=key))
+        assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(limited.value.trailing_metadata())["retry-after"]) >= 1
+        router_b.send_signal(signal.SIGINT)
+        assert router_b.wait(timeout=120) == 0
+    finally:
+        stop_process(router_a, log_a)
+        stop_process(router_b, log_b)

@@ -96,6 +96,9 @@ class Dispatcher:
             published = self.index.longest_prefixes(hashes, keys)
             recent = self.recent.longest_prefixes(hashes, keys)
             request.cached_blocks = {k: max(published[k], recent[k]) for k in keys}
+            for k in keys:
+                if published[k] and recent[k]:
+                    self.recent.confirmed(k, hashes[:published[k]])
         return request
 
     @staticmethod
@@ -120,6 +123,15 @@ class Dispatcher:
         decode = self.policy.choose(candidates, request)
         prefill = self.policy.choose(prefill_workers, request) if prefill_workers else None
         plan = self.disaggregation.plan(request, decode, prefill)
+        if prefill is None and self.disaggregation.mode == "always":
+            logger.warning("no prefill worker is routable (%d known); %s is prefilled on %s itself",
+                           len(self.view.of_role("prefill", routable_only=False)), entry.request_id,
+                           decode.name)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s (%d tokens): decode %s, prefill %s, %s; cached blocks %s", entry.request_id,
+                         request.prompt_len, decode.name, prefill.name if prefill else None,
+                         "remote" if plan.remote else "local",
+                         {w.name: request.cached_blocks.get(w.key, 0) for w in decode_workers + prefill_workers})
         if prefill is not None:
             entry.context["uncached_on"] = {prefill.worker_id: request.uncached_tokens(prefill)}
         blocks = self._blocks_needed(decode, request)

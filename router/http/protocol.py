@@ -58,7 +58,11 @@ class Body:
     def number(self, name: str, default: float | None = None, low: float | None = None,
                high: float | None = None) -> float | None:
         value = self._typed(name, (int, float), "a number", default)
-        return _in_range(name, None if value is None else float(value), low, high)
+        try:
+            value = None if value is None else float(value)
+        except OverflowError as exc:  # an integer literal past any float
+            raise bad_request(name, "is too large a number") from exc
+        return _in_range(name, value, low, high)
 
     def object(self, name: str) -> "Body":
         return Body(self._typed(name, (dict,), "an object", {}))
@@ -87,7 +91,8 @@ def parse_completion(fields: Any) -> ApiRequest:
     prompt, token_ids = _prompt(body.fields.get("prompt"))
     logprobs = body.integer("logprobs", None, low=0, high=20)
     names = FieldNames(prompt="prompt", messages="messages", token_ids="prompt",
-                       max_tokens="max_tokens", stop_token_ids="stop_token_ids")
+                       max_tokens="max_tokens", stop_token_ids="stop_token_ids", stop="stop",
+                       logprobs="logprobs")
     checked = _checked(body, names, logprobs, "logprobs", prompt=prompt, token_ids=token_ids)
     return _request(body, checked, names, chat=False, logprobs=logprobs)
 
@@ -108,7 +113,8 @@ def parse_chat(fields: Any) -> ApiRequest:
         raise bad_request("top_logprobs", "needs logprobs set to true")
     name = "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens"
     names = FieldNames(prompt="prompt", messages="messages", token_ids="messages",
-                       max_tokens=name, stop_token_ids="stop_token_ids")
+                       max_tokens=name, stop_token_ids="stop_token_ids", stop="stop",
+                       logprobs="top_logprobs")
     checked = _checked(body, names, logprobs, "top_logprobs", messages=messages)
     return _request(body, checked, names, chat=True, logprobs=logprobs)
 
@@ -146,7 +152,7 @@ def _checked(body: Body, names: FieldNames, logprobs: int | None, logprobs_field
     params = make_sampling_params(kwargs, lambda field: http_name.get(field, field))
     return GenerateInput(request_id="", model=body.string("model", "") or "", params=params,
                          max_tokens_explicit=max_tokens is not None,
-                         priority=body.integer("priority", 0, low=-2**31 + 1, high=2**31 - 1), **source)
+                         priority=body.integer("priority", 0, low=-2**31, high=2**31 - 1) or 0, **source)
 
 
 def _request(body: Body, checked: GenerateInput, names: FieldNames, chat: bool,

@@ -21,13 +21,16 @@ from typing import Any
 from aiohttp import web
 
 from router import relay
+from router.http.auth import api_key_middleware, charge, client_address, streams_exhausted_error
 from router.http.errors import ApiError, bad_request
 from router.http.protocol import ApiRequest, api_error, parse_chat, parse_completion
 from router.http.responses import Answer
 from router.intake import AdmittedRequest, Intake, InvalidArgument
+from router.limits import StreamCounter
 from router.metrics import CONTENT_TYPE, ServingMetrics
 from router.relay import FinalStats, Relay, RelayFailure
-from router.streaming import StreamChunk
+from router.security import Gatekeeper
+from router.streaming import StreamChunk, TextStream
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +48,19 @@ class HttpServer:
 
     def __init__(self, backend: Any, tokenizer: Any, host: str = "0.0.0.0", port: int = 8000, *,
                  metrics: ServingMetrics | None = None, default_max_tokens: int | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, gatekeeper: Gatekeeper | None = None) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
         self.backend = backend
         self.tokenizer = tokenizer
         self.host, self.requested_port = host, port
         self.metrics = metrics if metrics is not None else ServingMetrics(backend)
-        self.intake = Intake(backend, tokenizer, default_max_tokens)
+        self.gate = gatekeeper or Gatekeeper()
+        self.intake = Intake(backend, tokenizer, default_max_tokens, limits=self.gate.limits)
         self.relay = Relay(backend, tokenizer, self.metrics.observe)
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[openai_errors])
+        self.streams = StreamCounter(self.gate.limits.max_streams_per_connection)  # per client address
+        self.app = web.Application(client_max_size=max_body_bytes,
+                                   middlewares=[openai_errors, api_key_middleware(self.gate.keys)])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -72,7 +78,8 @@ class HttpServer:
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=grace_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_port=False)
+        ssl_context = self.gate.tls.ssl_context() if self.gate.tls is not None else None
+        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_port=False, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -128,11 +135,22 @@ class HttpServer:
         except InvalidArgument as exc:
             raise api_error(exc) from exc
         answer = Answer(api, admitted.request_id, api.model or self.backend.model_names()[0], self.tokenizer)
-        if api.stream:
-            return await self._stream(request, admitted, answer)
-        return await self._whole(admitted, answer)
+        client = client_address(request)
+        if not self.streams.try_open(client):
+            raise streams_exhausted_error(self.streams.refusal(client))
+        try:
+            grant = await charge(self.gate, request, len(admitted.prompt_token_ids), admitted.params.max_tokens)
+            stream = self.relay.text_stream(admitted)
+            try:
+                if api.stream:
+                    return await self._stream(request, admitted, answer, stream)
+                return await self._whole(admitted, answer, stream)
+            finally:
+                await self.gate.quota.give_back(grant, stream.num_output_tokens)
+        finally:
+            self.streams.close(client)
 
-    async def _whole(self, admitted: AdmittedRequest, answer: Answer) -> web.Response:
+    async def _whole(self, admitted: AdmittedRequest, answer: Answer, stream: TextStream) -> web.Response:
         body: dict = {}
 
         async def emit(chunk: StreamChunk, final: FinalStats | None) -> None:
@@ -140,12 +158,13 @@ class HttpServer:
             if final is not None:
                 body.update(answer.whole(chunk.finish_reason, final))
 
-        failure = await self.relay.run(admitted, emit)
+        failure = await self.relay.run(admitted, emit, stream)
         if failure is not None:
             raise failure_error(failure, answer.api)
         return web.json_response(body)
 
-    async def _stream(self, request: web.Request, admitted: AdmittedRequest, answer: Answer) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, admitted: AdmittedRequest, answer: Answer,
+                      stream: TextStream) -> web.StreamResponse:
         response: web.StreamResponse | None = None
 
         async def send(event: dict | str) -> None:
@@ -165,7 +184,7 @@ class HttpServer:
                     await send(answer.usage_chunk(final))
                 await send("[DONE]")
 
-        failure = await self.relay.run(admitted, emit)
+        failure = await self.relay.run(admitted, emit, stream)
         if failure is not None and failure.kind == relay.DISCONNECTED:
             return response or web.Response(status=499)
         if failure is not None:
@@ -187,12 +206,43 @@ def failure_error(failure: RelayFailure, api: ApiRequest) -> ApiError:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON; 413 over the size limit, 400 for anything that is not JSON."""
+    """The body as JSON; 413 over the size limit, 400 for anything that is not JSON (or holds a
+    string that is not valid Unicode)."""
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Decoded here, strictly: json.loads of bytes lets UTF-8-encoded surrogates through.
+        fields = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid UTF-8: {exc}", code="invalid_json") from exc
+    except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:  # the parser recurses once per level of nesting
+        raise ApiError(400, "the request body is JSON nested too deeply", code="invalid_json") from exc
+    where = _surrogate_path(fields, "")
+    if where is not None:  # a \ud800-style escape: a lone surrogate, no character at all
+        what = "holds a lone UTF-16 surrogate, which is not a character"
+        raise bad_request(where, what) if where else ApiError(400, f"the request body {what}", code="invalid_json")
+    return fields
+
+
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first string with a lone surrogate (for a key: its object's path); None if
+    no string has one."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _surrogate_path(key, path) is not None:
+                return path
+            found = _surrogate_path(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -218,11 +268,11 @@ async def openai_errors(request: web.Request,
 
 @asynccontextmanager
 async def running_http(backend: Any, tokenizer: Any, host: str, port: int, *, metrics: ServingMetrics,
-                       default_max_tokens: int | None = None,
-                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> AsyncIterator[HttpServer]:
+                       default_max_tokens: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                       gatekeeper: Gatekeeper | None = None) -> AsyncIterator[HttpServer]:
     """An HttpServer started and serving for the block's life, then stopped gracefully."""
     server = HttpServer(backend, tokenizer, host, port, metrics=metrics, default_max_tokens=default_max_tokens,
-                        max_body_bytes=max_body_bytes)
+                        max_body_bytes=max_body_bytes, gatekeeper=gatekeeper)
     await server.start()
     await server.set_serving(True)
     try:

@@ -5,7 +5,9 @@ published the batch, a second or more after the routing decision. A second reque
 long prefix arriving meanwhile would find no worker caching it, go wherever is least loaded, and
 the prefix would end up computed (and cached) twice, halving what the pool's caches hold. So the
 router also remembers, for a short while, which prompt blocks it sent where, and counts them as
-cached there until the index can speak for itself.
+cached there until the index can speak for itself: for a few seconds, or until the index shows
+the worker holding them, whichever comes first. From then on only the index speaks, so a block the
+worker evicts stops counting one publish interval later, as the index promises.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ WorkerKey = tuple[str, int]
 
 
 class RecentRoutes:
-    def __init__(self, ttl_s: float = 15.0, max_blocks_per_worker: int = 65536,
+    def __init__(self, ttl_s: float = 3.0, max_blocks_per_worker: int = 65536,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self.max_blocks = max_blocks_per_worker
@@ -44,6 +46,13 @@ class RecentRoutes:
                     depth += 1
             result[worker] = depth
         return result
+
+    def confirmed(self, worker: WorkerKey, hashes: Sequence[int]) -> None:
+        """The index shows `worker` holding these blocks: it speaks for them from now on."""
+        sent = self._sent.get(worker)
+        if sent:
+            for h in hashes:
+                sent.pop(h, None)
 
     def forget(self, worker: WorkerKey) -> None:
         self._sent.pop(worker, None)
