@@ -190,7 +190,7 @@ MALFORMED = [
     ("completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("completions", {"prompt": "hi", "seed": "x"}, 400, "seed"),
     ("completions", {"prompt": "hi", "seed": 2**70}, 400, "seed"),
-    ("completions", {"prompt": "hi", "priority": -2**31}, 400, "priority"),
+    ("completions", {"prompt": "hi", "priority": 2**31}, 400, "priority"),
     ("completions", {"prompt": "hi", "stop": 3}, 400, "stop"),
     ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),

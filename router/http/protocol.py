@@ -15,8 +15,7 @@ from router.http.errors import ApiError, bad_request
 from router.intake import FieldNames, GenerateInput, InvalidArgument, make_sampling_params
 
 MAX_TEMPERATURE = 2.0  # OpenAI's bound
-# seed and priority: the ranges of the gRPC API's int64 and int32 (the lowest priority is kept for
-# requests resumed after a worker's loss).
+# seed and priority take the ranges of the gRPC API's int64 and int32.
 
 
 @dataclass(frozen=True)
