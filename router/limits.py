@@ -26,7 +26,7 @@ class RequestLimits:
     max_stop_token_ids: int = 256
     max_logprobs: int = 20  # top-n per token; the engine computes at most 20
     # Generate streams one connection (gRPC) or one client address (HTTP) may hold open.
-    max_streams_per_connection: int = 128
+    max_streams_per_connection: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_stop_strings", "max_stop_string_chars",
