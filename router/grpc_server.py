@@ -133,7 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if not self._gate.quota.enabled:
             return None
         client = self._gate.client_id(metadata_value(context.invocation_metadata(), "authorization"),
-                                      context.peer().rsplit(":", 1)[0])
+                                      context.peer())
         try:
             return await self._gate.quota.take(client, len(admitted.prompt_token_ids), admitted.params.max_tokens)
         except RateLimited as exc:

@@ -20,6 +20,7 @@ from router.client import Connection, run_client
 from router.grpc_server import GrpcServer
 from router.limits import RequestLimits
 from router.security import ApiKeys, Gatekeeper, SecurityConfig, TlsError, TlsFiles
+from router.security.gatekeeper import client_host
 from router.security.tls import client_credentials
 from tests.certs import CertificateAuthority
 from tests.test_grpc_server import WAIT_S, FakeBackend, FakeTokenizer, collect, prompt_request, run
@@ -246,6 +247,36 @@ def test_rate_limits_are_shared_by_two_servers_through_redis(redis_server, clust
     assert other_key[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert too_big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--rate-limit-tpm" in too_big.details() and "retry-after" not in dict(too_big.trailing_metadata())
+
+
+def test_without_keys_made_up_tokens_share_their_address_bucket(redis_server, cluster_name) -> None:
+    """No keys configured: a bearer token nobody checks must not buy a fresh bucket."""
+    async def scenario():
+        redis = connect(RedisSettings(redis_server.url))
+        security = SecurityConfig(ApiKeys(()), RateLimit(requests_per_minute=2))
+        gate = Gatekeeper.build(security, RequestLimits(), redis, ClusterKeys(cluster_name))
+        try:
+            async with server_with(gate) as (_, port):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = pb_grpc.GenerationStub(channel)
+                    request = prompt_request(max_tokens=2)
+                    await collect(stub, request, metadata=bearer("made-up-1"))
+                    await collect(stub, request)
+                    return await refusal(collect(stub, request, metadata=bearer("made-up-2")))
+        finally:
+            await redis.aclose()
+
+    over = run(scenario())
+    assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "2 requests per minute (--rate-limit-rpm)" in over.details()
+
+
+@pytest.mark.parametrize("address, host", [
+    ("ipv4:10.1.2.3:50123", "10.1.2.3"), ("10.1.2.3", "10.1.2.3"),
+    ("ipv6:[::1]:50123", "::1"), ("::1", "::1"), ("unix:/tmp/s", "unix:/tmp/s"),
+])
+def test_grpc_and_http_name_a_client_host_alike(address, host) -> None:
+    assert client_host(address) == host
 
 
 # --- resume_from without a journal -------------------------------------------------------------

@@ -41,7 +41,21 @@ class Gatekeeper:
         """Unauthenticated unless the `Authorization` value carries an accepted key."""
         self.keys.verify(bearer_token(authorization))
 
-    @staticmethod
-    def client_id(authorization: str | None, address: str) -> str:
-        """Whom a request's rate limits are charged to: its key, else its client's address."""
-        return bearer_token(authorization) or f"address:{address}"
+    def client_id(self, authorization: str | None, address: str) -> str:
+        """Whom a request's rate limits are charged to: its key where keys are required (it has
+        been verified by then), else its client's address. A token nobody checks names no one:
+        charged to it, every made-up token would get a bucket of its own."""
+        token = bearer_token(authorization) if self.keys.required else None
+        return token or f"address:{client_host(address)}"
+
+
+def client_host(address: str) -> str:
+    """A client's host, the same for gRPC's peer ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678")
+    and aiohttp's remote ("1.2.3.4", "::1"): its connections share one set of buckets."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if address.startswith(scheme):
+            address = address[len(scheme):]
+            if address.startswith("["):  # [v6]:port
+                return address[1:address.find("]")]
+            return address.rsplit(":", 1)[0] if scheme == "ipv4:" else address
+    return address
