@@ -159,15 +159,22 @@ class ClusterBackend:
         stream = _Stream(request_id, list(prompt_token_ids), params, priority)
         self._submit(stream)  # placed now, or queued; QueueFullError when the queue is full
         self.streams[request_id] = stream
-        await self._journal_call(stream, lambda j: j.begin(request_id, stream.prompt_token_ids,
-                                                           _params_record(params)))
-        async for delta in self.run_stream(stream):
+        begin = lambda: self._journal_call(stream, lambda j: j.begin(  # noqa: E731
+            request_id, stream.prompt_token_ids, _params_record(params)))
+        async for delta in self.run_stream(stream, begin):
             yield delta
 
-    async def run_stream(self, stream: _Stream) -> AsyncIterator[TokenDelta]:
-        """A submitted stream's deltas, through every attempt it takes, until it ends."""
+    async def run_stream(self, stream: _Stream, begin=None, replay: TokenDelta | None = None
+                         ) -> AsyncIterator[TokenDelta]:
+        """A submitted stream's deltas, through every attempt it takes, until it ends: first
+        `begin()` (its journal entry) and `replay` (tokens a resumed client lacks), inside the
+        same cleanup, so a client gone at any point frees the stream everywhere."""
         request_id = stream.request_id
         try:
+            if begin is not None:
+                await begin()
+            if replay is not None:
+                yield replay
             while True:
                 try:
                     async for delta in self._attempt(stream):
@@ -182,7 +189,8 @@ class ClusterBackend:
             # Closed early (client cancel, deadline, an error): free the request everywhere.
             # Shielded, because this runs while the caller is being cancelled.
             try:
-                if stream.placement is not None and not stream.settled:
+                placed = stream.placement or _placement_of(stream.entry)  # taken up, or not yet
+                if placed is not None and not stream.settled:
                     await asyncio.shield(self.abort(request_id))
             finally:
                 self._end_attempt(stream)
@@ -245,6 +253,9 @@ class ClusterBackend:
             stream.placement = await stream.entry.placed
         finally:
             self.queue.remove(stream.entry)  # a cancel or deadline takes it out of the queue at once
+            # Cancelled after the dispatcher placed it but before this resumed: the placement's
+            # reservation is real, and the cleanup must free it.
+            stream.placement = stream.placement or _placement_of(stream.entry)
         if stream.attempt == 0 and not stream.tag:
             queue_time_s = stream.placement.placed_at - stream.entry.enqueued_at
             for observe in self.queue_time_observers:
@@ -333,6 +344,7 @@ class ClusterBackend:
         stream = self.streams.get(request_id)
         if stream is None or stream.settled:
             return
+        stream.placement = stream.placement or _placement_of(stream.entry)
         if stream.placement is None:  # queued: leaving the queue is all there is to do
             self.queue.remove(stream.entry)
             if not stream.entry.placed.done():
@@ -408,6 +420,13 @@ class ClusterBackend:
         return [s.queue for s in self._attempts.values()
                 if s.placement is not None and s.placement.decode is worker and not s.settled
                 and (generation is None or s.placement.generation == generation)]
+
+
+def _placement_of(entry: QueuedRequest | None):
+    """The placement the dispatcher gave a queued entry, if it did (None while still queued)."""
+    if entry is None or not entry.placed.done() or entry.placed.cancelled() or entry.placed.exception():
+        return None
+    return entry.placed.result()
 
 
 def _params_record(params: SamplingParams) -> dict:

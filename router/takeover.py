@@ -66,10 +66,10 @@ async def _continue(backend, entry: JournalEntry, resume_from: int, params: Samp
     _abort_leftover(backend, entry)
     stream = backend.adopt(entry.request_id, entry.prompt_token_ids, params, entry.output_token_ids,
                            tag=secrets.token_hex(3))
-    await backend.journal.begin(entry.request_id, entry.prompt_token_ids, entry.params, entry.output_token_ids)
-    if missing:
-        yield TokenDelta(entry.request_id, missing, None)
-    async for delta in backend.run_stream(stream):
+    begin = lambda: backend.journal.begin(  # noqa: E731
+        entry.request_id, entry.prompt_token_ids, entry.params, entry.output_token_ids)
+    replay = TokenDelta(entry.request_id, missing, None) if missing else None
+    async for delta in backend.run_stream(stream, begin, replay):
         yield delta
 
 

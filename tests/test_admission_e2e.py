@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import grpc
@@ -126,4 +127,51 @@ def test_a_request_cancelled_while_queued_leaves_the_counters_at_baseline(small_
             for call in holders:
                 call.cancel()
     asyncio.run(scenario())
+    assert pool_counters_at_baseline(small_cluster)
+
+
+class StalledJournal:
+    """The cluster's journal, except that a stream's first write never returns."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.stalled = inner, threading.Event()
+
+    async def begin(self, *args, **kwargs) -> None:
+        self.stalled.set()
+        await asyncio.sleep(3600)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_client_gone_before_its_stream_began_leaves_nothing_behind(small_cluster):
+    """Placed (a decode worker holds its reservation), then cancelled while its journal entry is
+    being written: the router forgets it and the worker frees the reservation."""
+    backend = small_cluster.backend
+    journal = backend.journal
+    assert journal is not None
+    backend.journal = StalledJournal(journal)
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{small_cluster.port}") as channel:
+            request = long_request(7, 50)
+            request.request_id = "gone-early"
+            call = pb_grpc.GenerationStub(channel).Generate(request)
+            read = asyncio.ensure_future(call.read())
+            deadline = time.monotonic() + 10
+            while not (backend.journal.stalled.is_set() and "gone-early" in backend.streams
+                       and backend.streams["gone-early"].entry.placed.done()):
+                assert time.monotonic() < deadline, "the request should be placed, its journal write pending"
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
+                await read
+            deadline = time.monotonic() + 5
+            while "gone-early" in backend.streams:
+                assert time.monotonic() < deadline, "the router still holds the stream"
+                await asyncio.sleep(0.01)
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.journal = journal
     assert pool_counters_at_baseline(small_cluster)
