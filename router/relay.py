@@ -100,8 +100,9 @@ class Relay:
                     await self.abort(request.request_id)
                 held_by_backend = False
                 final = timing.final_stats(len(request.prompt_token_ids), stream)
-                self._observe(request, stream, timing, chunk.finish_reason, None)
                 await emit(chunk, final)
+                # Counted once it is out: a client gone at the last chunk counts as that alone.
+                self._observe(request, stream, timing, chunk.finish_reason, None)
                 return None
             failure = RelayFailure(INTERNAL, "the backend ended the stream without a finish reason")
         except QueueFullError as exc:

@@ -140,13 +140,14 @@ class HttpServer:
             raise streams_exhausted_error(self.streams.refusal(client))
         try:
             grant = await charge(self.gate, request, len(admitted.prompt_token_ids), admitted.params.max_tokens)
-            stream = self.relay.text_stream(admitted)
+            stream = None
             try:
+                stream = self.relay.text_stream(admitted)
                 if api.stream:
                     return await self._stream(request, admitted, answer, stream)
                 return await self._whole(admitted, answer, stream)
             finally:
-                await self.gate.quota.give_back(grant, stream.num_output_tokens)
+                await self.gate.quota.give_back(grant, stream.num_output_tokens if stream else 0)
         finally:
             self.streams.close(client)
 
@@ -227,22 +228,30 @@ async def read_json(request: web.Request) -> Any:
 
 def _surrogate_path(value: Any, path: str) -> str | None:
     """The path of the first string with a lone surrogate (for a key: its object's path); None if
-    no string has one."""
-    if isinstance(value, str):
-        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if _surrogate_path(key, path) is not None:
-                return path
-            found = _surrogate_path(item, f"{path}.{key}" if path else key)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _surrogate_path(item, f"{path}[{i}]")
-            if found is not None:
-                return found
+    no string has one. Iterative, and each path is written out only when found: a body nested
+    as deep as the parser allows costs no recursion here."""
+    stack: list[tuple[Any, tuple | None]] = [(value, (None, path) if path else None)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if any("\ud800" <= c <= "\udfff" for c in value):
+                return _written_path(where)
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                stack.append((item, (where, f".{key}" if where else key)))
+                stack.append((key, where))  # a key's surrogate is reported at its object
+        elif isinstance(value, list):
+            for i in range(len(value) - 1, -1, -1):
+                stack.append((value[i], (where, f"[{i}]")))
     return None
+
+
+def _written_path(where: tuple | None) -> str:
+    parts = []
+    while where is not None:
+        where, part = where
+        parts.append(part)
+    return "".join(reversed(parts))
 
 
 def _refuse_constant(name: str) -> Any:
