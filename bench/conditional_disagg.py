@@ -5,9 +5,15 @@ request rate (Poisson arrivals). `always` prefills every prompt on the prefill w
 its KV; `never` prefills every prompt on the decode worker itself, between its decode steps;
 `auto` decides per request from predicted times to first token (the workers' measured step
 costs, the transfer rate, the queues, and what a local prefill would cost the requests decoding
-there). Each mode runs on a fresh cluster of 1 prefill + 1 decode worker with the same cores,
-the same model and the same requests. Reported per mode and load: TTFT p50 / p99 and time per
-output token (mean and p99 over requests), as the client measures them, and the decisions made.
+there).
+
+All three modes run on one cluster of 1 prefill + 1 decode worker, switched between runs, in
+`--rounds` rounds; each round runs every (load, mode) once, the modes in a rotated order, so
+that a slow minute of this shared machine falls on every mode alike. Within a round the modes
+get prompts of the same lengths with different tokens (so none finds another's prefix in the
+cache) and the same arrival times. Each mode keeps its own learned path corrections. Reported
+per mode and load over all rounds: TTFT p50 / p99 and time per output token (mean and p99 over
+requests), as the client measures them, the decisions made, and auto's ratios per round.
 
 Writes bench/results/conditional_disagg.json. Run with --help for the flags.
 """
@@ -18,6 +24,8 @@ import asyncio
 import os
 import random
 import sys
+import time
+from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +38,7 @@ from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 from router.cluster_backend import RoutingConfig  # noqa: E402
 from router.embedded import EmbeddedCluster  # noqa: E402
 from router.pools import PoolConfig  # noqa: E402
+from router.routing.disaggregation import PathBias  # noqa: E402
 from router.serve import ServeConfig, load_tokenizer  # noqa: E402
 
 
@@ -37,43 +46,71 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def make_requests(args, vocab: int, count: int, seed: int) -> list[tuple[list[int], str]]:
-    rng = random.Random(seed)
+def make_requests(args, vocab: int, count: int, length_seed: int, token_seed: int) -> list[tuple[list[int], str]]:
+    """`count` prompts whose lengths follow `length_seed` and whose tokens follow `token_seed`."""
+    lengths, tokens = random.Random(length_seed), random.Random(token_seed)
     requests = []
     for _ in range(count):
-        tag = "long" if rng.random() < args.long_fraction else "short"
+        tag = "long" if lengths.random() < args.long_fraction else "short"
         low, high = args.long_tokens if tag == "long" else args.short_tokens
-        requests.append(([rng.randrange(100, vocab - 100) for _ in range(rng.randint(low, high))], tag))
+        requests.append(([tokens.randrange(100, vocab - 100) for _ in range(lengths.randint(low, high))], tag))
     return requests
 
 
-def run_mode(args, mode: str, warmup, loads) -> dict:
+def run_rounds(args, vocab: int, modes: list[str]) -> tuple[dict, list[dict]]:
+    """Every (round, load, mode) on one cluster: pooled timings per mode and load, and per round."""
     options = dict(dtype="float32", device="cpu", kv_cache_memory_gb=args.kv_cache_gb,
                    max_num_batched_tokens=args.max_num_batched_tokens)
     config = ServeConfig(engine=EngineConfig.from_options(args.model, **options),
                          pools=PoolConfig(torch_threads=args.torch_threads),
-                         routing=RoutingConfig(disaggregation=mode), cluster_name=f"bench-{mode}")
-    log(f"{mode}: starting 1 prefill + 1 decode worker")
-    results = {}
+                         routing=RoutingConfig(disaggregation="auto"), cluster_name="bench-conditional-disagg")
+    loads = (("low", args.low_rate, args.low_requests), ("high", args.high_rate, args.high_requests))
+    pooled = {mode: {name: {"timings": [], "decisions": Counter()} for name, _, _ in loads} for mode in modes}
+    rounds = []
+    log("starting 1 prefill + 1 decode worker")
     with EmbeddedCluster(config) as server:
-        async def drive(requests, rate):
+        policy = server.backend.disaggregation
+        biases = {mode: PathBias() for mode in modes}  # each mode's learned corrections, its own
+
+        def switch(mode: str) -> None:
+            policy.mode, policy.bias = mode, biases[mode]
+
+        async def drive(requests, rate, seed):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = pb_grpc.GenerationStub(channel)
                 if rate is None:  # warm-up, one at a time
                     return [await timed_stream(stub, greedy(p, args.output_tokens), tag) for p, tag in requests]
                 return await poisson_load(stub, [(greedy(p, args.output_tokens), tag) for p, tag in requests],
-                                          rate, seed=args.seed)
-        asyncio.run(drive(warmup, None))
-        for name, rate, requests in loads:
-            before = dict(server.backend.stats()["disaggregation"])
-            log(f"{mode}: {name} load, {len(requests)} requests at {rate} req/s")
-            timings = asyncio.run(drive(requests, rate))
-            errors = [t.error for t in timings if t.error]
-            if errors:
-                raise RuntimeError(f"{mode}/{name}: {len(errors)} requests failed, e.g. {errors[0]}")
-            after = server.backend.stats()["disaggregation"]
-            results[name] = summarize(timings, {k: after[k] - before.get(k, 0) for k in after})
-    return results
+                                          rate, seed=seed)
+
+        for index, mode in enumerate(modes):  # each mode's corrections see a few requests first
+            switch(mode)
+            asyncio.run(drive(make_requests(args, vocab, 6, args.seed + 100, args.seed + 100 + index), None, 0))
+        for r in range(args.rounds):
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            this_round = {}
+            for load_index, (name, rate, count) in enumerate(loads):
+                length_seed = args.seed + 1000 * (r + 1) + load_index
+                for mode in order:
+                    switch(mode)
+                    requests = make_requests(args, vocab, count, length_seed, length_seed + 7919 * (modes.index(mode) + 1))
+                    before = Counter(policy.decisions)
+                    log(f"round {r + 1}/{args.rounds}: {mode}, {name} load, {count} requests at {rate} req/s")
+                    timings = asyncio.run(drive(requests, rate, length_seed))
+                    errors = [t.error for t in timings if t.error]
+                    if errors:
+                        raise RuntimeError(f"{mode}/{name}: {len(errors)} requests failed, e.g. {errors[0]}")
+                    decisions = Counter(policy.decisions) - before
+                    pooled[mode][name]["timings"] += timings
+                    pooled[mode][name]["decisions"] += decisions
+                    this_round.setdefault(mode, {})[name] = summarize(timings, dict(decisions))
+                    time.sleep(args.pause_s)  # the last requests' blocks and steps settle
+            rounds.append(this_round)
+            if {"auto", "always", "never"} <= set(modes):
+                log(f"round {r + 1}: auto / best of the others {verdicts(this_round, [n for n, _, _ in loads])}")
+    results = {mode: {name: summarize(v["timings"], dict(v["decisions"])) for name, v in by_load.items()}
+               for mode, by_load in pooled.items()}
+    return results, rounds
 
 
 def summarize(timings, decisions: dict) -> dict:
@@ -116,6 +153,9 @@ def main(argv=None) -> int:
     parser.add_argument("--low-requests", type=int, default=12, help="requests at low load (default 12)")
     parser.add_argument("--high-requests", type=int, default=30, help="requests at high load (default 30)")
     parser.add_argument("--modes", default="auto,always,never", help="modes to run (default auto,always,never)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds; each runs every load in every mode once (default 3)")
+    parser.add_argument("--pause-s", type=float, default=2.0, help="seconds of rest between runs (default 2)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache per worker in GiB (default 0.5)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -127,19 +167,18 @@ def main(argv=None) -> int:
 
     args.model = resolve_model_path(args.model)
     vocab = load_tokenizer(args.model).vocab_size
-    warmup = make_requests(args, vocab, 6, args.seed + 100)
-    loads = [("low", args.low_rate, make_requests(args, vocab, args.low_requests, args.seed + 1)),
-             ("high", args.high_rate, make_requests(args, vocab, args.high_requests, args.seed + 2))]
     modes = args.modes.split(",")
-    results = {mode: run_mode(args, mode, warmup, loads) for mode in modes}
+    results, rounds = run_rounds(args, vocab, modes)
     report = {"workload": {k: getattr(args, k) for k in ("short_tokens", "long_tokens", "long_fraction", "output_tokens",
                                                          "low_rate", "high_rate", "low_requests", "high_requests",
-                                                         "torch_threads", "seed")},
+                                                         "rounds", "torch_threads", "seed")},
               "model": os.path.basename(args.model),
               "device": device_description(),
-              "results": results}
+              "results": results,
+              "rounds": rounds}
     if {"auto", "always", "never"} <= set(modes):
         report["auto_vs_best_of_others"] = verdicts(results, ["low", "high"])
+        report["auto_vs_best_of_others_per_round"] = [verdicts(r, ["low", "high"]) for r in rounds]
     print_table(report)
     write_report(args.out, report, log)
     return 0
@@ -148,7 +187,8 @@ def main(argv=None) -> int:
 def print_table(report: dict) -> None:
     w = report["workload"]
     print(f"\nprompts {w['short_tokens']} / {w['long_tokens']} tokens ({w['long_fraction']:.0%} long), "
-          f"{w['output_tokens']} new tokens, 1 prefill + 1 decode worker, {w['torch_threads']} thread(s) each")
+          f"{w['output_tokens']} new tokens, 1 prefill + 1 decode worker, {w['torch_threads']} thread(s) each, "
+          f"{w['rounds']} round(s) pooled")
     print(f"{'load':<6}{'mode':<8}{'TTFT p50':>10}{'p99':>9}{'short p50':>11}{'long p50':>10}"
           f"{'TPOT mean':>11}{'p99':>8}  decisions")
     for load in ("low", "high"):
@@ -161,6 +201,9 @@ def print_table(report: dict) -> None:
         print("auto / best of always and never (<= 1.00 means auto is at least as good):")
         for load, row in report["auto_vs_best_of_others"].items():
             print(f"  {load:<5} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
+        for index, per_round in enumerate(report["auto_vs_best_of_others_per_round"]):
+            print(f"  round {index + 1}: " + "; ".join(
+                f"{load} " + " ".join(f"{v:.2f}" for v in row.values()) for load, row in per_round.items()))
 
 
 if __name__ == "__main__":
