@@ -35,6 +35,11 @@ from tests.deploy_hosts import VirtualNetwork, wait_for_serving  # noqa: E402
 USER = "pdserve"
 IPS = {"head": "10.251.0.10", "prefill": "10.251.0.11", "decode": "10.251.0.12", "launcher": "10.251.0.5"}
 CONFIG = "deploy/ray/onprem.virtual.yaml"
+# Each live worker actor with the address of the node it runs on (one line, for ray exec).
+WHERE = ("import ray; from ray.util.state import list_actors, list_nodes; ray.init(address=\\\"auto\\\", "
+         "logging_level=\\\"ERROR\\\"); ips = {n.node_id: n.node_ip for n in list_nodes()}; "
+         "[print(a.class_name, ips.get(a.node_id)) for a in list_actors(filters=[(\\\"state\\\", \\\"=\\\", \\\"ALIVE\\\")]) "
+         "if a.class_name.endswith(\\\"Worker\\\")]")
 
 
 def log(msg: str) -> None:
@@ -132,6 +137,12 @@ def main(argv=None) -> int:
             home = os.path.join(work, "home-" + name)
             prepare_home(home, user, key + ".pub", wheelhouse)
             hosts[name].run(f"mount --bind {home} {user.pw_dir}", check=True)  # this host's alone
+            # Ray's files too: nodes of one cluster share a session name, and on one shared
+            # /tmp/ray they would write each other's logs.
+            ray_tmp = os.path.join(work, "tmp-ray-" + name)
+            os.makedirs(ray_tmp)
+            os.chown(ray_tmp, user.pw_uid, user.pw_gid)
+            hosts[name].run(f"mkdir -p /tmp/ray && mount --bind {ray_tmp} /tmp/ray", check=True)
             hosts[name].popen(["/usr/sbin/sshd", "-D", "-e", "-o", "PasswordAuthentication=no"],
                               log_path=os.path.join(work, f"sshd-{name}.log"))
         launcher = hosts["launcher"]
@@ -159,8 +170,12 @@ def main(argv=None) -> int:
             wait_for_serving(hosts["head"], "127.0.0.1:50051", left,
                              lambda: open(router_log).read()[-3000:] if os.path.exists(router_log) else "")
             log(f"the router serves, {time.monotonic() - started:.0f} s after ray up began")
-            status = ray(f"ray exec {CONFIG} '~/pdserve/.venv/bin/ray status'", timeout=300)
+            status = ray(f"ray exec {CONFIG} 'RAY_AUTH_MODE=token ~/pdserve/.venv/bin/ray status'", timeout=300)
             print(status.stdout[-2500:])
+            where = ray(f"ray exec {CONFIG} \"RAY_AUTH_MODE=token ~/pdserve/.venv/bin/python -c '{WHERE}'\"",
+                        timeout=300)
+            log("where the workers run:")
+            print(where.stdout[-1500:])
             reply = ray(f"ray exec {CONFIG} \"~/pdserve/.venv/bin/pdserve client --chat --temperature 0 "
                         "--max-tokens 24 'What is the capital of France?'\"", timeout=600)
             log(f"ray exec pdserve client exited {reply.returncode}:")
