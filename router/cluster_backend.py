@@ -253,9 +253,6 @@ class ClusterBackend:
             stream.placement = await stream.entry.placed
         finally:
             self.queue.remove(stream.entry)  # a cancel or deadline takes it out of the queue at once
-            # Cancelled after the dispatcher placed it but before this resumed: the placement's
-            # reservation is real, and the cleanup must free it.
-            stream.placement = stream.placement or _placement_of(stream.entry)
         if stream.attempt == 0 and not stream.tag:
             queue_time_s = stream.placement.placed_at - stream.entry.enqueued_at
             for observe in self.queue_time_observers:
