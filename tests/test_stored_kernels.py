@@ -8,11 +8,17 @@ matrices whose row segments are in different formats). Bad inputs are refused cl
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from engine.loader.stored_checkpoint import check_blocks
+from engine.native.build import EXTRA_FLAGS_VAR, _cpu_flags
 from engine.model.stored import FORMATS, StoredMatrix, StoredSegment, stored_linear, unpack_rows
 from engine.native.stored_ops import kernels
 from tests.stored_models import random_matrix, random_rows
@@ -68,6 +74,19 @@ def test_projection_for_every_batch_size_up_to_64(name):
     for n in range(1, 65):
         got = kernels().project(matrix, x[:n].contiguous(), bias)
         assert_matches(got, want[:n], x[:n], matrix)
+
+
+@pytest.mark.parametrize("name,cols", [("Q4_1", 352), ("Q6_K", 768), ("F16", 301), ("F32", 259)])
+def test_tiles_of_rows_longer_than_one_unpacked_piece(name, cols):
+    """From 8 inputs on (and in the prefill GEMM) tiles are unpacked 256 columns at a time and
+    transposed 8 x 8: rows that end in a partial piece, 16-bit rows whose last piece is no
+    multiple of 8, row counts that leave a partial group of 8 rows in the last tile."""
+    matrix = random_matrix((name,), (45,), cols, seed=7)
+    x = torch.randn(80, cols, generator=torch.Generator().manual_seed(8))
+    want = reference(x, matrix)
+    for n in (8, 13, 64):
+        assert_matches(kernels().project(matrix, x[:n].contiguous()), want[:n], x[:n], matrix)
+    assert_matches(stored_linear(x, matrix, None), want, x, matrix)
 
 
 def test_one_input_matches_its_float32_dequantization_bit_for_bit():
@@ -139,3 +158,16 @@ def test_a_block_with_a_non_finite_scale_is_refused(name, offset):
     data[2, fmt.block_bytes + offset:fmt.block_bytes + offset + 2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # +inf
     with pytest.raises(ValueError, match=f"blk.0: {name} block 1 of row 2 has a non-finite scale"):
         check_blocks("blk.0", fmt, data)
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq"} <= set(_cpu_flags().split()),
+                    reason="no AVX-512 here: the tests above ran the AVX2 kernels")
+def test_the_avx2_kernels_on_a_cpu_with_avx512():
+    """The tests above ran the AVX-512 unpacking; the same tests, built without it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_kernels"],
+        env={**os.environ, EXTRA_FLAGS_VAR: "-mno-avx512f"}, cwd=Path(__file__).parent.parent,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " skipped" not in done.stdout

@@ -21,10 +21,17 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_step.c", HERE / "elementwise.c", HERE / "stored_ops.c", HERE / "stored_gemm.c")
-HEADERS = (HERE / "vector_math.h", HERE / "stored_formats.h", HERE / "stored_dots.h", HERE / "projection.h")
+HEADERS = tuple(sorted(HERE.glob("*.h")))
 # No FMA contraction: unpacking a stored weight must round its product and its sum apart, as the
 # format's float32 dequantization does (stored_formats.h); fused multiply-adds are written out.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+# Extra compiler flags, after FLAGS: PDSERVE_NATIVE_CFLAGS="-mno-avx512f" builds the AVX2 kernels
+# on a CPU that has AVX-512 (where 512-bit code slows the clock, or to compare the two).
+EXTRA_FLAGS_VAR = "PDSERVE_NATIVE_CFLAGS"
+
+
+def flags() -> tuple[str, ...]:
+    return FLAGS + tuple(os.environ.get(EXTRA_FLAGS_VAR, "").split())
 
 
 class NativeBuildError(RuntimeError):
@@ -55,7 +62,7 @@ def library_path(compiler: str) -> Path:
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join(
-        [*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), version.encode(),
+        [*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(flags()).encode(), version.encode(),
          _cpu_flags().encode()]
     )).hexdigest()[:16]
     return Path(cache_dir()) / "kernels" / f"pdserve-cpu-{key}.so"
@@ -64,7 +71,7 @@ def library_path(compiler: str) -> Path:
 def compile_library(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    command = [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES), "-lm"]
+    command = [compiler, *flags(), "-o", str(partial), *map(str, SOURCES), "-lm"]
     logger.info("compiling the native CPU kernels: %s", " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

@@ -79,27 +79,65 @@ static inline void matvec_rows(const float *W, int in, int r0, int r1, const flo
 }
 
 
-/* Row i of W (cols floats) into out: an embedding lookup. */
-static inline void matrix_row(const pd_matrix *W, int64_t i, float *out) {
+/* Elements [c0, c1) of row i of W into out; for block formats c0 and c1 are multiples of 32. */
+static inline void matrix_span(const pd_matrix *W, int64_t i, int c0, int c1, float *out) {
     for (int k = 0; k < W->num_segments; i -= W->segments[k].rows, k++) {
         const pd_segment *s = &W->segments[k];
         if (i < s->rows) {
             const uint8_t *row = s->data + (size_t)i * s->row_bytes;
-            if (s->type == PD_F32) memcpy(out, row, sizeof(float) * (size_t)W->cols);
-            else stored_unpack_row(s->type, row, W->cols, out);
+            if (s->type == PD_F32) memcpy(out, (const float *)row + c0, sizeof(float) * (size_t)(c1 - c0));
+            else stored_unpack_span(s->type, row, c0, c1, out);
             return;
         }
     }
 }
 
-/* bp (K, NR) = rows [j0, j0 + NR) of W transposed; rows from `end` on are zeros. `row` holds one
- * unpacked row (K floats). */
-static inline void unpack_tile(const pd_matrix *W, int j0, int end, float *row, float *bp) {
+/* Row i of W (cols floats) into out: an embedding lookup. */
+static inline void matrix_row(const pd_matrix *W, int64_t i, float *out) { matrix_span(W, i, 0, W->cols, out); }
+
+/* Columns of a tile unpacked at a time: a piece of 8 rows (8 KB) stays in L1 while it is
+ * transposed into the tile. */
+enum { PD_TILE_SPAN = 256 };
+
+/* bp[k * NR + j] = piece[j][k] for j < 8 and k in [0, count): 8 rows of a piece into the k-major
+ * tile, 8 x 8 blocks transposed in registers (scalar stores, a cache line each, cost several
+ * times the unpacking). */
+static inline void transpose_piece(float piece[8][PD_TILE_SPAN], int count, float *bp) {
+    int k = 0;
+#if defined(__AVX__)
+    for (; k + 8 <= count; k += 8) {
+        __m256 r[8], t[8];
+        for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(piece[j] + k);
+        for (int j = 0; j < 8; j += 2) t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]), t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+        for (int j = 0; j < 8; j += 4) {
+            r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44), r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+            r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44), r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+        }
+        /* r[0..3] hold columns {0,4}, {1,5}, {2,6}, {3,7} of rows 0-3; r[4..7] of rows 4-7 */
+        for (int c = 0; c < 4; c++) {
+            _mm256_storeu_ps(bp + (size_t)(k + c) * NR, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
+            _mm256_storeu_ps(bp + (size_t)(k + c + 4) * NR, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
+        }
+    }
+#endif
+    for (; k < count; k++)
+        for (int j = 0; j < 8; j++) bp[(size_t)k * NR + j] = piece[j][k];
+}
+
+/* bp (K, NR) = rows [j0, j0 + NR) of W transposed; rows from `end` on are zeros. Unpacked a
+ * piece of 8 rows and PD_TILE_SPAN columns at a time. */
+static inline void unpack_tile(const pd_matrix *W, int j0, int end, float *bp) {
     const int K = W->cols;
-    for (int j = 0; j < NR; j++) {
-        if (j0 + j < end) matrix_row(W, j0 + j, row);
-        else memset(row, 0, sizeof(float) * (size_t)K);
-        for (int k = 0; k < K; k++) bp[(size_t)k * NR + j] = row[k];
+    _Alignas(64) float piece[8][PD_TILE_SPAN];
+    for (int c0 = 0; c0 < K; c0 += PD_TILE_SPAN) {
+        const int c1 = K - c0 < PD_TILE_SPAN ? K : c0 + PD_TILE_SPAN;
+        for (int jb = 0; jb < NR; jb += 8) {
+            for (int j = 0; j < 8; j++) {
+                if (j0 + jb + j < end) matrix_span(W, j0 + jb + j, c0, c1, piece[j]);
+                else memset(piece[j], 0, sizeof(float) * (size_t)(c1 - c0));
+            }
+            transpose_piece(piece, c1 - c0, bp + (size_t)c0 * NR + jb);
+        }
     }
 }
 
@@ -110,27 +148,27 @@ static inline void unpack_tile(const pd_matrix *W, int j0, int end, float *row, 
 enum { PD_TILED_MIN = 8 };
 
 /* Floats of a thread's projection scratch for n inputs of `cols`: 4 unpacked rows, and from
- * PD_TILED_MIN inputs on an unpacked tile, one row and the inputs in panels. */
+ * PD_TILED_MIN inputs on an unpacked tile and the inputs in panels. */
 static inline size_t projection_scratch(int cols, int n) {
     size_t floats = 4 * (size_t)cols;
-    if (n >= PD_TILED_MIN) floats += (size_t)(NR + 1 + (n + MR - 1) / MR * MR) * cols;
+    if (n >= PD_TILED_MIN) floats += (size_t)(NR + (n + MR - 1) / MR * MR) * cols;
     return (floats + 15) & ~(size_t)15;
 }
 
 /* Before a thread's projections of x (n, cols): packs the inputs into panels in its scratch when
  * the tiled kernel will run. */
 static inline void prepare_projection(const float *x, int ldx, int n, int cols, float *scratch) {
-    if (n >= PD_TILED_MIN) pack_panels(x, ldx, n, cols, 0, (n + MR - 1) / MR, scratch + (size_t)(4 + NR + 1) * cols);
+    if (n >= PD_TILED_MIN) pack_panels(x, ldx, n, cols, 0, (n + MR - 1) / MR, scratch + (size_t)(4 + NR) * cols);
 }
 
 /* Rows [r0, r1) of W for n >= PD_TILED_MIN inputs prepared in `scratch`. */
 static inline void tiled_rows(const pd_matrix *W, int r0, int r1, int n, const float *bias, float *y, int ldy,
                               int accumulate, float *scratch) {
     const int K = W->cols;
-    float *bp = scratch + 4 * (size_t)K, *row = bp + (size_t)NR * K, *xp = row + K;
+    float *bp = scratch + 4 * (size_t)K, *xp = bp + (size_t)NR * K;
     for (int j0 = r0; j0 < r1; j0 += NR) {
         const int cols = r1 - j0 < NR ? r1 - j0 : NR;
-        unpack_tile(W, j0, j0 + cols, row, bp);
+        unpack_tile(W, j0, j0 + cols, bp);
         for (int b = 0; b * MR < n; b++) {
             const int rows = n - b * MR < MR ? n - b * MR : MR;
             micro_kernel(xp + (size_t)b * MR * K, bp, K, rows, cols, bias ? bias + j0 : NULL,

@@ -73,6 +73,68 @@ PD_INLINE void weight_vectors(int type, const uint8_t *row, int g, __m256 w[4]) 
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define PD_STORED_AVX512 1
+
+/* The 32 integer quants of group g as two vectors of 16 int32 (elements 0-15, 16-31). */
+PD_INLINE void quant_vectors16(int type, const uint8_t *row, int g, __m512i q[2]) {
+    const pd_format f = format_of(type);
+    const __m512i m4 = _mm512_set1_epi32(0x0F);
+    if (type == PD_Q4_0 || type == PD_Q4_1) {
+        /* byte t: element t in its low half, element t + 16 in its high half */
+        const uint8_t *qs = row + (size_t)g * f.bytes + (type == PD_Q4_0 ? 2 : 4);
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
+        q[0] = _mm512_and_si512(bytes, m4), q[1] = _mm512_srli_epi32(bytes, 4);
+        if (type == PD_Q4_0) {
+            const __m512i bias = _mm512_set1_epi32(8);
+            q[0] = _mm512_sub_epi32(q[0], bias), q[1] = _mm512_sub_epi32(q[1], bias);
+        }
+    } else if (type == PD_Q8_0) {
+        const uint8_t *qs = row + (size_t)g * f.bytes + 2;
+        for (int h = 0; h < 2; h++) q[h] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * h)));
+    } else if (type == PD_Q4_K || type == PD_Q5_K) {
+        const uint8_t *b = row + (size_t)(g / 8) * f.bytes;
+        const int j = g % 8;
+        const uint8_t *qs = b + (type == PD_Q4_K ? 16 : 48) + 32 * (j / 2), *qh = b + 16;
+        const __m128i nibble_shift = _mm_cvtsi32_si128(4 * (j & 1)), bit_shift = _mm_cvtsi32_si128(j);
+        for (int h = 0; h < 2; h++) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * h)));
+            v = _mm512_and_si512(_mm512_srl_epi32(v, nibble_shift), m4);
+            if (type == PD_Q5_K) {
+                const __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16 * h)));
+                v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(hb, bit_shift),
+                                                                          _mm512_set1_epi32(1)), 4));
+            }
+            q[h] = v;
+        }
+    } else { /* PD_Q6_K */
+        const uint8_t *b = row + (size_t)(g / 8) * 210;
+        const int j = g % 8, half = j / 4, quarter = j % 4;
+        const uint8_t *ql = b + 64 * half + 32 * (quarter % 2), *qh = b + 128 + 32 * half;
+        const __m128i low_shift = _mm_cvtsi32_si128(4 * (quarter / 2)), high_shift = _mm_cvtsi32_si128(2 * quarter);
+        for (int h = 0; h < 2; h++) {
+            __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 16 * h)));
+            __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16 * h)));
+            lo = _mm512_and_si512(_mm512_srl_epi32(lo, low_shift), m4);
+            hi = _mm512_and_si512(_mm512_srl_epi32(hi, high_shift), _mm512_set1_epi32(3));
+            q[h] = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+        }
+    }
+}
+
+/* The 32 weights of group g as two vectors of 16: the same values as weight_vectors. */
+PD_INLINE void weight_vectors16(int type, const uint8_t *row, int g, __m512 w[2]) {
+    __m512i q[2];
+    quant_vectors16(type, row, g, q);
+    const group_scales s = scales_of(type, row, g);
+    const __m512 off = _mm512_set1_ps(s.offset);
+    for (int h = 0; h < 2; h++) {
+        w[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(q[h]), _mm512_set1_ps(s.scale[h]));
+        if (s.has_offset) w[h] = _mm512_add_ps(w[h], off);
+    }
+}
+#endif
+
 /* Eight weights of a float16 / bfloat16 row from element c on. */
 PD_INLINE __m256 half_vector(int type, const uint8_t *row, int c) {
     const __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * (size_t)c));
@@ -86,6 +148,18 @@ PD_INLINE float half_scalar(int type, const uint8_t *row, int c) {
 
 /* dot1 of a block-format row (type fixed at the call, so the unpacking is specialised). */
 PD_INLINE float block_dot1(int type, const uint8_t *row, const float *x, int cols) {
+#if PD_STORED_AVX512
+    /* Lanes 0-7 and 8-15 of acc0 are a0 and a1 below, those of acc1 a2 and a3: the same sums. */
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, v[2];
+    for (int g = 0; g < cols / 32; g++) {
+        weight_vectors16(type, row, g, v);
+        acc0 = _mm512_fmadd_ps(v[0], _mm512_loadu_ps(x + 32 * g), acc0);
+        acc1 = _mm512_fmadd_ps(v[1], _mm512_loadu_ps(x + 32 * g + 16), acc1);
+    }
+    const __m256 s01 = _mm256_add_ps(_mm512_castps512_ps256(acc0), _mm512_extractf32x8_ps(acc0, 1));
+    const __m256 s23 = _mm256_add_ps(_mm512_castps512_ps256(acc1), _mm512_extractf32x8_ps(acc1, 1));
+    return hsum8(_mm256_add_ps(s01, s23));
+#else
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];
     for (int g = 0; g < cols / 32; g++) {
         const float *xg = x + 32 * g;
@@ -96,11 +170,26 @@ PD_INLINE float block_dot1(int type, const uint8_t *row, const float *x, int col
         a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xg + 24), a3);
     }
     return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
 }
 
 /* dot1x2 of a block-format row: columns in 16s, as dot1x2 takes them. */
 PD_INLINE void block_dot1x2(int type, const uint8_t *row, const float *x, size_t ldx, int cols, float out[2]) {
     const float *x1 = x + ldx;
+#if PD_STORED_AVX512
+    /* Lanes 0-7 of a are a0 below, lanes 8-15 a1 (b likewise): the same sums, in the same order. */
+    __m512 a = _mm512_setzero_ps(), b = a, v[2];
+    for (int g = 0; g < cols / 32; g++) {
+        weight_vectors16(type, row, g, v);
+        for (int h = 0; h < 2; h++) {
+            const int c = 32 * g + 16 * h;
+            a = _mm512_fmadd_ps(v[h], _mm512_loadu_ps(x + c), a);
+            b = _mm512_fmadd_ps(v[h], _mm512_loadu_ps(x1 + c), b);
+        }
+    }
+    out[0] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+    out[1] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1)));
+#else
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, w[4];
     for (int g = 0; g < cols / 32; g++) {
         weight_vectors(type, row, g, w);
@@ -113,6 +202,7 @@ PD_INLINE void block_dot1x2(int type, const uint8_t *row, const float *x, size_t
         }
     }
     out[0] = hsum8(_mm256_add_ps(a0, a1)), out[1] = hsum8(_mm256_add_ps(b0, b1));
+#endif
 }
 
 /* dot1 of a float16 / bfloat16 row, any length. */
@@ -178,18 +268,28 @@ static inline void stored_dot1x2(int type, const uint8_t *row, const float *x, s
 #undef PD_DOT2
 }
 
-/* A whole stored row (not float32) into out (cols floats). */
-static inline void stored_unpack_row(int type, const uint8_t *row, int cols, float *out) {
+/* Elements [c0, c1) of a stored row (not float32) into out (c1 - c0 floats); for block formats
+ * c0 and c1 are multiples of 32. */
+static inline void stored_unpack_span(int type, const uint8_t *row, int c0, int c1, float *out) {
     if (!is_block_format(type)) {
-        unpack_span(type, row, 0, cols, out);
+        unpack_span(type, row, c0, c1, out);
         return;
     }
+#if PD_STORED_AVX512
 #define PD_UNPACK(T)                                                                              \
-    for (int g = 0; g < cols / 32; g++) {                                                         \
+    for (int g = c0 / 32; g < c1 / 32; g++) {                                                     \
+        __m512 w[2];                                                                              \
+        weight_vectors16(T, row, g, w);                                                           \
+        for (int h = 0; h < 2; h++) _mm512_storeu_ps(out + 32 * g - c0 + 16 * h, w[h]);           \
+    }
+#else
+#define PD_UNPACK(T)                                                                              \
+    for (int g = c0 / 32; g < c1 / 32; g++) {                                                     \
         __m256 w[4];                                                                              \
         weight_vectors(T, row, g, w);                                                             \
-        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 32 * g + 8 * k, w[k]);                 \
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 32 * g - c0 + 8 * k, w[k]);            \
     }
+#endif
     PD_DISPATCH(type, PD_UNPACK)
 #undef PD_UNPACK
 }
@@ -197,8 +297,8 @@ static inline void stored_unpack_row(int type, const uint8_t *row, int cols, flo
 /* Without AVX2: unpack the row into a buffer on the stack, piece by piece, and take dot1. */
 enum { PD_ROW_PIECE = 256 };
 
-static inline void stored_unpack_row(int type, const uint8_t *row, int cols, float *out) {
-    unpack_span(type, row, 0, cols, out);
+static inline void stored_unpack_span(int type, const uint8_t *row, int c0, int c1, float *out) {
+    unpack_span(type, row, c0, c1, out);
 }
 
 static inline float stored_dot1(int type, const uint8_t *row, const float *x, int cols) {
@@ -215,5 +315,10 @@ static inline void stored_dot1x2(int type, const uint8_t *row, const float *x, s
     out[0] = stored_dot1(type, row, x, cols), out[1] = stored_dot1(type, row, x + ldx, cols);
 }
 #endif
+
+/* A whole stored row (not float32) into out (cols floats). */
+static inline void stored_unpack_row(int type, const uint8_t *row, int cols, float *out) {
+    stored_unpack_span(type, row, 0, cols, out);
+}
 
 #endif

@@ -32,7 +32,7 @@ int pd_stored_gemm(const pd_matrix *W, const float *x, int64_t T, const float *b
     const int64_t panels = (T + MR - 1) / MR, tiles = (N + NR - 1) / NR;
     const int group = tiles_per_group(K, tiles, num_threads);
     const int64_t groups = (tiles + group - 1) / group;
-    const size_t per_thread = (size_t)(group * NR + 1) * K;
+    const size_t per_thread = (size_t)group * NR * K;
     float *xp = malloc(sizeof(float) * (size_t)panels * MR * K);
     float *scratch = malloc(sizeof(float) * (size_t)num_threads * per_thread);
     if (!xp || !scratch) {
@@ -44,11 +44,11 @@ int pd_stored_gemm(const pd_matrix *W, const float *x, int64_t T, const float *b
     {
 #pragma omp for schedule(static) /* ends with the loop's barrier */
         for (int64_t b = 0; b < panels; b++) pack_panels(x, K, T, K, b, b + 1, xp);
-        float *bp = scratch + (size_t)omp_get_thread_num() * per_thread, *row = bp + (size_t)group * NR * K;
+        float *bp = scratch + (size_t)omp_get_thread_num() * per_thread;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t first = g * group, last = first + group < tiles ? first + group : tiles;
-            for (int64_t tile = first; tile < last; tile++) unpack_tile(W, (int)(tile * NR), N, row, bp + (tile - first) * NR * K);
+            for (int64_t tile = first; tile < last; tile++) unpack_tile(W, (int)(tile * NR), N, bp + (tile - first) * NR * K);
             for (int64_t b = 0; b < panels; b++) {
                 const int rows = T - b * MR < MR ? (int)(T - b * MR) : MR;
                 for (int64_t tile = first; tile < last; tile++) {
