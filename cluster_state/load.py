@@ -30,6 +30,7 @@ class LoadReport(JsonRecord):
     transfer_choices: dict = field(default_factory=dict)  # decode side: tickets per KV backend
     prefix_cache_queries: int = 0  # prompt tokens looked up in this worker's prefix cache, since start
     prefix_cache_hits: int = 0  # of those, tokens found there
+    requests_taken: int = 0  # requests taken in since start (every router's), for the arrival rate
     # KV moved by this worker since it started, per transfer backend ("shm", "torch_dist", ...):
     # {"bytes", "seconds", "transfers", "failures"}; the prefill side counts what it pushed, the
     # decode side what it received.

@@ -59,6 +59,7 @@ class SchedulerStats:
     num_steps: int = 0
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    num_requests: int = 0  # requests taken in since start (queued or reserved for KV)
 
 
 class Scheduler:
@@ -80,6 +81,7 @@ class Scheduler:
         request.expected_cached_tokens = self.kv_manager.get_computed_blocks(request).num_computed_tokens
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.stats.num_requests += 1
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Refuse a request that could never run, instead of letting it starve or thrash."""
@@ -162,6 +164,7 @@ class Scheduler:
         self.num_waiting_for_kv += 1
         self.requests[request.request_id] = request
         self.running.append(request)
+        self.stats.num_requests += 1
         return computed.num_computed_tokens
 
     def _leaves_headroom(self) -> bool:

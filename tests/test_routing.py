@@ -185,3 +185,22 @@ def test_a_local_prefill_pays_for_slowing_every_decode_step_it_joins():
     # 600 tokens in chunks of 256: three mixed steps for each of the 4 decoding requests.
     from router.routing.cost import decode_slowdown_s
     assert decode_slowdown_s(busy, 600) == pytest.approx(4 * (600 * 0.001 + 3 * 0.15))
+
+
+def test_a_local_prefill_pays_for_the_requests_that_arrive_while_it_runs():
+    """An idle decode worker keeps a long prompt while nothing arrives; once requests arrive at
+    a measured rate, they would decode beside its chunks, and it goes to the prefill worker."""
+    policy = DisaggregationPolicy("auto")
+    idle, prefill = worker("decode", 0, running=0), worker("prefill", 0)
+    assert not policy.plan(RoutingRequest(2000), idle, prefill).remote
+    for second in range(60):  # one request taken in per second, as its load reports count them
+        idle.update_load(LoadReport(**{**idle.load.__dict__, "requests_taken": second,
+                                       "published_at": 2.0 + second}))
+    assert idle.arrivals.per_s == pytest.approx(1.0, rel=0.05)
+    assert policy.plan(RoutingRequest(2000), idle, prefill).remote
+    from router.routing.cost import decode_slowdown_s
+    assert decode_slowdown_s(idle, 2000) == pytest.approx(idle.arrivals.per_s * 2.0 ** 2 / 2)
+    # A restart counts from zero again: no arrivals until its next reports.
+    idle.update_load(LoadReport(**{**idle.load.__dict__, "requests_taken": 3, "published_at": 70.0}))
+    idle.update_load(LoadReport(**{**idle.load.__dict__, "requests_taken": 3, "published_at": 100.0}))
+    assert idle.arrivals.per_s < 0.1

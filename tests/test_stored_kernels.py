@@ -92,7 +92,7 @@ def test_tiles_of_rows_longer_than_one_unpacked_piece(name, cols):
 def test_one_input_matches_its_float32_dequantization_bit_for_bit():
     """A stored row unpacks into the float32 kernel's exact accumulation order: the same bits as
     the same weights stored as float32, for one and two inputs as for many."""
-    for name in ("Q4_1", "Q8_0", "Q6_K", "BF16"):
+    for name in ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "BF16"):
         rows, cols = SHAPES[name]
         matrix = random_matrix((name,), (rows,), cols, seed=4)
         dense = gguf_dense(matrix)

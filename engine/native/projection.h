@@ -126,6 +126,7 @@ static inline void transpose_piece(float piece[8][PD_TILE_SPAN], int count, floa
 
 /* bp (K, NR) = rows [j0, j0 + NR) of W transposed; rows from `end` on are zeros. Unpacked a
  * piece of 8 rows and PD_TILE_SPAN columns at a time. */
+_Static_assert(NR % 8 == 0, "unpack_tile fills a tile 8 rows at a time");
 static inline void unpack_tile(const pd_matrix *W, int j0, int end, float *bp) {
     const int K = W->cols;
     _Alignas(64) float piece[8][PD_TILE_SPAN];

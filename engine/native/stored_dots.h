@@ -122,12 +122,36 @@ PD_INLINE void quant_vectors16(int type, const uint8_t *row, int g, __m512i q[2]
     }
 }
 
-/* The 32 weights of group g as two vectors of 16: the same values as weight_vectors. */
+/* The 32 weights of group g as two vectors of 16: the same values as weight_vectors. In the
+ * 4-bit formats without a second scale (Q4_0, Q4_1, Q4_K) a group's weights take one of 16
+ * values: those are computed once, as weight_vectors computes each weight (quant x scale, then
+ * + offset), and looked up per lane. The permute reads only the low 4 bits of an index, so the
+ * nibbles need no mask. */
 PD_INLINE void weight_vectors16(int type, const uint8_t *row, int g, __m512 w[2]) {
-    __m512i q[2];
-    quant_vectors16(type, row, g, q);
     const group_scales s = scales_of(type, row, g);
     const __m512 off = _mm512_set1_ps(s.offset);
+    if (type == PD_Q4_0 || type == PD_Q4_1 || type == PD_Q4_K) {
+        const __m512 levels = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 quants = type == PD_Q4_0 ? _mm512_sub_ps(levels, _mm512_set1_ps(8.0f)) : levels;
+        __m512 table = _mm512_mul_ps(quants, _mm512_set1_ps(s.scale[0]));
+        if (s.has_offset) table = _mm512_add_ps(table, off);
+        __m512i index[2];
+        if (type == PD_Q4_K) {
+            const int j = g % 8;
+            const uint8_t *qs = row + (size_t)(g / 8) * format_of(type).bytes + 16 + 32 * (j / 2);
+            const __m128i shift = _mm_cvtsi32_si128(4 * (j & 1));
+            for (int h = 0; h < 2; h++)
+                index[h] = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * h))), shift);
+        } else { /* byte t: element t in its low half, element t + 16 in its high half */
+            const uint8_t *qs = row + (size_t)g * format_of(type).bytes + (type == PD_Q4_0 ? 2 : 4);
+            index[0] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
+            index[1] = _mm512_srli_epi32(index[0], 4);
+        }
+        for (int h = 0; h < 2; h++) w[h] = _mm512_permutexvar_ps(index[h], table);
+        return;
+    }
+    __m512i q[2];
+    quant_vectors16(type, row, g, q);
     for (int h = 0; h < 2; h++) {
         w[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(q[h]), _mm512_set1_ps(s.scale[h]));
         if (s.has_offset) w[h] = _mm512_add_ps(w[h], off);

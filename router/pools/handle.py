@@ -2,12 +2,34 @@
 router has sent it that the load does not show yet."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cluster_state.load import LoadReport
 from cluster_state.registry import WorkerRecord
+
+
+class ArrivalRate:
+    """Requests a worker takes in per second (from every router), from the counts in its load
+    reports: an exponentially decaying count of arrivals over a time constant of `window_s`."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.per_s = 0.0
+        self._count: int | None = None  # requests_taken of the last report
+        self._at = 0.0
+
+    def observe(self, requests_taken: int, at: float) -> None:
+        if self._count is None or requests_taken < self._count:  # the first report, or a restart
+            self._count, self._at = requests_taken, at
+            return
+        if at <= self._at:
+            return
+        self.per_s = (self.per_s * math.exp(-(at - self._at) / self.window_s)
+                      + (requests_taken - self._count) / self.window_s)
+        self._count, self._at = requests_taken, at
 
 
 @dataclass(eq=False)
@@ -25,6 +47,7 @@ class WorkerHandle:
     pending_blocks: int = 0  # KV blocks those admits will take
     prefill_tokens_in_flight: int = 0  # prompt tokens this router sent it to prefill, not done yet
     refused_at: float | None = None  # last "no room" answer; the worker counts as full until newer load
+    arrivals: ArrivalRate = field(default_factory=ArrivalRate)
 
     @property
     def index(self) -> int:
@@ -58,6 +81,7 @@ class WorkerHandle:
         """Keep the newest report (registry, admit replies and token batches all carry one)."""
         if report.published_at >= self.load.published_at:
             self.load = report
+            self.arrivals.observe(report.requests_taken, report.published_at)
             if self.refused_at is not None and report.published_at > self.refused_at:
                 self.refused_at = None
 

@@ -44,11 +44,17 @@ def marginal_prefill_s(worker: WorkerHandle, tokens: int) -> float:
 
 
 def decode_slowdown_s(worker: WorkerHandle, tokens: int) -> float:
-    """Total delay a local prefill of `tokens` adds to the requests decoding on the worker: each
-    of them waits, in every step that carries a chunk of it, for that chunk's tokens and for what
-    a step with prefill tokens costs more than a decode-only one."""
-    per_request = tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * worker.load.mixed_step_s
-    return worker.load.num_running * per_request
+    """Total delay a local prefill of `tokens` adds to the requests decoding on the worker. Each
+    of those decoding now waits, in every step that carries a chunk of it, for that chunk's
+    tokens and for what a step with prefill tokens costs more than a decode-only one: the
+    prefill's duration T. Requests that arrive while it waits its turn (Q) or runs also decode
+    beside it: at the worker's arrival rate, those of the queue lose all of T and those of the
+    prefill itself what is left of it, T/2 on average. Without that second part, an idle worker
+    would take every long prompt, and every request arriving behind one would decode at the pace
+    of its chunks."""
+    duration = tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * worker.load.mixed_step_s
+    arriving = worker.arrivals.per_s * (queued_prefill_s(worker) + duration / 2)
+    return (worker.load.num_running + arriving) * duration
 
 
 def transfer_s(prefill: WorkerHandle, decode: WorkerHandle, tokens: int) -> float:

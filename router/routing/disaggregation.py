@@ -1,8 +1,8 @@
 """Conditional disaggregation: prefill a request on its decode worker, or on a prefill worker.
 
 `auto` predicts the time to first token both ways and takes the smaller, where a local prefill
-also pays for the delay it adds to the requests decoding on that worker (their latency counts as
-much as this request's):
+also pays for the delay it adds to the requests decoding on that worker, now and arriving while
+it runs at the worker's measured arrival rate (their latency counts as much as this request's):
     local  = queued prefill there + uncached tokens there x its prefill rate + that delay
     remote = queued prefill on the prefill worker + its uncached tokens x its rate
              + moving the decode worker's uncached blocks at the measured transfer rate
