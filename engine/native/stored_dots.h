@@ -76,36 +76,25 @@ PD_INLINE void weight_vectors(int type, const uint8_t *row, int g, __m256 w[4]) 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #define PD_STORED_AVX512 1
 
-/* The 32 integer quants of group g as two vectors of 16 int32 (elements 0-15, 16-31). */
+/* The 32 integer quants of group g as two vectors of 16 int32 (elements 0-15, 16-31), for the
+ * formats weight_vectors16 does not look up in a table: Q8_0, Q5_K, Q6_K. */
 PD_INLINE void quant_vectors16(int type, const uint8_t *row, int g, __m512i q[2]) {
     const pd_format f = format_of(type);
     const __m512i m4 = _mm512_set1_epi32(0x0F);
-    if (type == PD_Q4_0 || type == PD_Q4_1) {
-        /* byte t: element t in its low half, element t + 16 in its high half */
-        const uint8_t *qs = row + (size_t)g * f.bytes + (type == PD_Q4_0 ? 2 : 4);
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
-        q[0] = _mm512_and_si512(bytes, m4), q[1] = _mm512_srli_epi32(bytes, 4);
-        if (type == PD_Q4_0) {
-            const __m512i bias = _mm512_set1_epi32(8);
-            q[0] = _mm512_sub_epi32(q[0], bias), q[1] = _mm512_sub_epi32(q[1], bias);
-        }
-    } else if (type == PD_Q8_0) {
+    if (type == PD_Q8_0) {
         const uint8_t *qs = row + (size_t)g * f.bytes + 2;
         for (int h = 0; h < 2; h++) q[h] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * h)));
-    } else if (type == PD_Q4_K || type == PD_Q5_K) {
+    } else if (type == PD_Q5_K) {
         const uint8_t *b = row + (size_t)(g / 8) * f.bytes;
         const int j = g % 8;
-        const uint8_t *qs = b + (type == PD_Q4_K ? 16 : 48) + 32 * (j / 2), *qh = b + 16;
+        const uint8_t *qs = b + 48 + 32 * (j / 2), *qh = b + 16;
         const __m128i nibble_shift = _mm_cvtsi32_si128(4 * (j & 1)), bit_shift = _mm_cvtsi32_si128(j);
         for (int h = 0; h < 2; h++) {
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * h)));
             v = _mm512_and_si512(_mm512_srl_epi32(v, nibble_shift), m4);
-            if (type == PD_Q5_K) {
-                const __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16 * h)));
-                v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(hb, bit_shift),
-                                                                          _mm512_set1_epi32(1)), 4));
-            }
-            q[h] = v;
+            const __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16 * h)));
+            q[h] = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(hb, bit_shift),
+                                                                         _mm512_set1_epi32(1)), 4));
         }
     } else { /* PD_Q6_K */
         const uint8_t *b = row + (size_t)(g / 8) * 210;

@@ -34,25 +34,29 @@ def prefill_s(worker: WorkerHandle, tokens: int) -> float:
     return tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * step
 
 
+def prefill_beside_decodes_s(worker: WorkerHandle, tokens: int) -> float:
+    """What a prefill of `tokens` adds to steps the worker runs anyway: its tokens, and what a
+    step with prefill tokens costs more than a decode-only one, in each of its chunks."""
+    return tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * worker.load.mixed_step_s
+
+
 def marginal_prefill_s(worker: WorkerHandle, tokens: int) -> float:
     """A prefill of `tokens` joining steps the worker runs anyway (a busy decode worker's): the
-    step's fixed cost is already paid by the decodes; what a step with prefill tokens costs more
-    than a decode-only one is not."""
+    step's fixed cost is already paid by the decodes."""
     if worker.load.num_running == 0:
         return prefill_s(worker, tokens)
-    return tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * worker.load.mixed_step_s
+    return prefill_beside_decodes_s(worker, tokens)
 
 
 def decode_slowdown_s(worker: WorkerHandle, tokens: int) -> float:
     """Total delay a local prefill of `tokens` adds to the requests decoding on the worker. Each
-    of those decoding now waits, in every step that carries a chunk of it, for that chunk's
-    tokens and for what a step with prefill tokens costs more than a decode-only one: the
-    prefill's duration T. Requests that arrive while it waits its turn (Q) or runs also decode
+    of those decoding now waits, in every step that carries a chunk of it, for the duration T of
+    prefill_beside_decodes_s. Requests that arrive while it waits its turn (Q) or runs also decode
     beside it: at the worker's arrival rate, those of the queue lose all of T and those of the
     prefill itself what is left of it, T/2 on average. Without that second part, an idle worker
     would take every long prompt, and every request arriving behind one would decode at the pace
     of its chunks."""
-    duration = tokens * prefill_s_per_token(worker) + prefill_chunks(worker, tokens) * worker.load.mixed_step_s
+    duration = prefill_beside_decodes_s(worker, tokens)
     arriving = worker.arrivals.per_s * (queued_prefill_s(worker) + duration / 2)
     return (worker.load.num_running + arriving) * duration
 
