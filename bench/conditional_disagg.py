@@ -38,7 +38,7 @@ from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 from router.cluster_backend import RoutingConfig  # noqa: E402
 from router.embedded import EmbeddedCluster  # noqa: E402
 from router.pools import PoolConfig  # noqa: E402
-from router.routing.disaggregation import PathBias  # noqa: E402
+from router.routing.disaggregation import DEFAULT_STALL_WEIGHT, PathBias  # noqa: E402
 from router.serve import ServeConfig, load_tokenizer  # noqa: E402
 
 
@@ -63,7 +63,8 @@ def run_rounds(args, vocab: int, modes: list[str]) -> tuple[dict, list[dict]]:
                    max_num_batched_tokens=args.max_num_batched_tokens)
     config = ServeConfig(engine=EngineConfig.from_options(args.model, **options),
                          pools=PoolConfig(torch_threads=args.torch_threads),
-                         routing=RoutingConfig(disaggregation="auto"), cluster_name="bench-conditional-disagg")
+                         routing=RoutingConfig(disaggregation="auto", decode_stall_weight=args.decode_stall_weight),
+                         cluster_name="bench-conditional-disagg")
     loads = (("low", args.low_rate, args.low_requests), ("high", args.high_rate, args.high_requests))
     pooled = {mode: {name: {"timings": [], "decisions": Counter()} for name, _, _ in loads} for mode in modes}
     rounds = []
@@ -160,6 +161,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache per worker in GiB (default 0.5)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="tokens per engine step, prefill chunks included (default 512)")
+    parser.add_argument("--decode-stall-weight", type=float, default=DEFAULT_STALL_WEIGHT,
+                        help="auto's weight of a decode stall against time to first token, as `pdserve "
+                             f"serve --decode-stall-weight` (default {DEFAULT_STALL_WEIGHT:g})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrivals")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conditional_disagg.json"),
                         help="where to write the JSON results")
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
     results, rounds = run_rounds(args, vocab, modes)
     report = {"workload": {k: getattr(args, k) for k in ("short_tokens", "long_tokens", "long_fraction", "output_tokens",
                                                          "low_rate", "high_rate", "low_requests", "high_requests",
-                                                         "rounds", "torch_threads", "seed")},
+                                                         "rounds", "torch_threads", "decode_stall_weight", "seed")},
               "model": os.path.basename(args.model),
               "device": device_description(),
               "results": results,
@@ -188,6 +192,7 @@ def print_table(report: dict) -> None:
     w = report["workload"]
     print(f"\nprompts {w['short_tokens']} / {w['long_tokens']} tokens ({w['long_fraction']:.0%} long), "
           f"{w['output_tokens']} new tokens, 1 prefill + 1 decode worker, {w['torch_threads']} thread(s) each, "
+          f"auto's stall weight {w['decode_stall_weight']:g}, "
           f"{w['rounds']} round(s) pooled")
     print(f"{'load':<6}{'mode':<8}{'TTFT p50':>10}{'p99':>9}{'short p50':>11}{'long p50':>10}"
           f"{'TPOT mean':>11}{'p99':>8}  decisions")

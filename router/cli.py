@@ -130,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              kv_push=args.kv_push, registry_ttl_s=args.registry_ttl,
                              router_lease_s=args.router_lease, pin_pools=args.pin_pools),
             routing=RoutingConfig(policy=args.routing_policy, disaggregation=args.disaggregation,
+                                  decode_stall_weight=args.decode_stall_weight,
                                   max_queued_requests=args.max_queued_requests),
             host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             default_max_tokens=args.default_max_tokens, max_request_body_bytes=args.max_request_body_bytes,
@@ -261,6 +262,14 @@ def add_serve_parser(sub) -> None:
                         "decode worker or on a prefill worker, whichever the predicted time to "
                         "first token favours), always (a prefill worker), never (the decode "
                         "worker) (default auto)")
+    from router.routing.disaggregation import DEFAULT_STALL_WEIGHT
+
+    r.add_argument("--decode-stall-weight", type=float, default=DEFAULT_STALL_WEIGHT, metavar="W",
+                   help="auto only: what one second of stall in the streams decoding on a worker "
+                        "costs against one second of a new request's time to first token, when "
+                        "auto weighs prefilling that request on the worker itself; higher keeps "
+                        "decoding steadier, lower gives short first-token times more often "
+                        f"(default {DEFAULT_STALL_WEIGHT:g})")
     r.add_argument("--join", action="store_true",
                    help="attach to the worker pools an earlier router of this cluster created, "
                         "and fail if there are none (without it a router attaches when pools "

@@ -33,6 +33,7 @@ from router.backend import BackendError, QueueFullError, RequestTooLargeError, T
 from router.pools import ClusterView, WorkerHandle, WorkerPools, root_cause
 from router.pumps import TokenPumps
 from router.routing import DisaggregationPolicy, make_policy
+from router.routing.disaggregation import DEFAULT_STALL_WEIGHT
 from router.worker_lost import WorkerLost
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ _LOST_CAUSES = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "Sta
 class RoutingConfig:
     policy: str = "kv_aware"  # round_robin | least_loaded | kv_aware
     disaggregation: str = "auto"  # auto | always | never (disaggregated mode only)
+    # auto: what a second of stall in a decoding stream weighs against a second of time to first token
+    decode_stall_weight: float = DEFAULT_STALL_WEIGHT
     max_queued_requests: int = 1024  # beyond this, RESOURCE_EXHAUSTED naming the limit
     # Queued requests wait this long for a decode worker to come back before they fail.
     no_worker_timeout_s: float = 30.0
@@ -55,7 +58,7 @@ class RoutingConfig:
 
     def __post_init__(self) -> None:
         make_policy(self.policy)
-        DisaggregationPolicy(self.disaggregation)
+        DisaggregationPolicy(self.disaggregation, self.decode_stall_weight)
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be at least 0, got {self.max_queued_requests}")
         if self.max_attempts < 1:
@@ -99,7 +102,7 @@ class ClusterBackend:
         self.routing = routing
         self.queue = AdmissionQueue(routing.max_queued_requests)
         self.disaggregation = DisaggregationPolicy(
-            routing.disaggregation if pools.mode == "disaggregated" else "never")
+            routing.disaggregation if pools.mode == "disaggregated" else "never", routing.decode_stall_weight)
         self.decode_role = "decode" if pools.mode == "disaggregated" else "mixed"
         self.dispatcher = Dispatcher(self.queue, view, make_policy(routing.policy), self.disaggregation,
                                      index, router_id, self.decode_role, routing.no_worker_timeout_s)

@@ -94,7 +94,7 @@ def test_cached_tokens_never_cover_the_last_prompt_token():
 
 
 def test_auto_disaggregation_keeps_short_prompts_local_and_sends_long_ones_out():
-    policy = DisaggregationPolicy("auto")
+    policy = DisaggregationPolicy("auto", stall_weight=1.0)  # a stall counts as much as a first token's wait
     decode, prefill = worker("decode", 0, running=1), worker("prefill", 0)
     short = policy.plan(RoutingRequest(3), decode, prefill)
     decode = worker("decode", 0, running=8)
@@ -118,8 +118,25 @@ def test_fixed_disaggregation_modes_and_the_colocated_case():
         DisaggregationPolicy("sometimes")
 
 
+def test_the_stall_weight_trades_first_token_time_against_steady_decoding():
+    """A 3-token prompt beside one decoding request would stall it 3 ms and saves itself the
+    remote path's 5 ms hop: kept at weight 1, sent out at the default 4. An idle worker keeps it
+    at any weight, and so does a busy one whose cache holds all of a long prompt but 3 tokens."""
+    prefill = worker("prefill", 0)
+    one, idle, busy = worker("decode", 0, running=1), worker("decode", 1), worker("decode", 2, running=4)
+    assert not DisaggregationPolicy("auto", stall_weight=1.0).plan(RoutingRequest(3), one, prefill).remote
+    default = DisaggregationPolicy("auto")
+    assert default.stall_weight == 4.0
+    assert default.plan(RoutingRequest(3), one, prefill).remote
+    assert not DisaggregationPolicy("auto", stall_weight=100.0).plan(RoutingRequest(3), idle, prefill).remote
+    suffix = RoutingRequest(2000 + 3, cached_blocks={("decode-2", 1): 2000 // BLOCK})
+    assert not default.plan(suffix, busy, prefill).remote
+    with pytest.raises(ValueError, match="stall weight"):
+        DisaggregationPolicy("auto", stall_weight=-1.0)
+
+
 def test_observed_first_token_times_correct_the_path_prediction():
-    policy = DisaggregationPolicy("auto")
+    policy = DisaggregationPolicy("auto", stall_weight=1.0)
     decode, prefill = worker("decode", 0, running=4), worker("prefill", 0)
     request = RoutingRequest(600, cached_blocks={})
     plan = policy.plan(request, decode, prefill)

@@ -2,11 +2,18 @@
 
 `auto` predicts the time to first token both ways and takes the smaller, where a local prefill
 also pays for the delay it adds to the requests decoding on that worker, now and arriving while
-it runs at the worker's measured arrival rate (their latency counts as much as this request's):
-    local  = queued prefill there + uncached tokens there x its prefill rate + that delay
+it runs at the worker's measured arrival rate, times the stall weight:
+    local  = queued prefill there + uncached tokens there x its prefill rate + weight x that delay
     remote = queued prefill on the prefill worker + its uncached tokens x its rate
              + moving the decode worker's uncached blocks at the measured transfer rate
-The rates are the workers' own fits to their measured steps. What the prediction misses (the
+The stall weight (default 4) is what one second of stall in a decoding stream costs against one
+second of this request's wait for its first token. At 1 a long prompt is prefilled beside
+running decodes whenever that saves its own first token a little more than it stalls the
+others; the stalls land in the middle of streams and show in their time per output token, which
+is what disaggregation exists to keep steady. At 4 a decode worker prefills itself when it is
+idle (and few requests are expected during the prefill) or when the prompt is short and the
+prefill worker's queue is long; higher values approach `always`. The rates are the workers' own
+fits to their measured steps. What the prediction misses (the
 extra hop of a remote prefill, a worker slower than its fit) is learned per path from observed
 times to first token. `always` and `never` skip the prediction. Every decision is counted.
 """
@@ -20,6 +27,7 @@ from router.routing import cost
 from router.routing.policies import RoutingRequest
 
 MODES = ("auto", "always", "never")
+DEFAULT_STALL_WEIGHT = 4.0
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,13 @@ class PathBias:
 
 
 class DisaggregationPolicy:
-    def __init__(self, mode: str = "auto") -> None:
+    def __init__(self, mode: str = "auto", stall_weight: float = DEFAULT_STALL_WEIGHT) -> None:
         if mode not in MODES:
             raise ValueError(f"disaggregation must be one of {', '.join(MODES)}, got {mode!r}")
+        if not stall_weight >= 0:
+            raise ValueError(f"the decode stall weight must be 0 or more, got {stall_weight}")
         self.mode = mode
+        self.stall_weight = stall_weight
         self.bias = PathBias()
         self.decisions: Counter[str] = Counter()  # "local" / "remote" by reason, e.g. "remote:auto"
 
@@ -77,7 +88,7 @@ class DisaggregationPolicy:
         if prefill is None:
             remote, reason = False, "no prefill worker"
         elif self.mode == "auto":
-            remote, reason = remote_s < local_s + slowdown_s, "auto"
+            remote, reason = remote_s < local_s + self.stall_weight * slowdown_s, "auto"
         else:
             remote, reason = self.mode == "always", self.mode
         self.decisions[f"{'remote' if remote else 'local'}:{reason}"] += 1
