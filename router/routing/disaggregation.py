@@ -13,9 +13,8 @@ others; the stalls land in the middle of streams and show in their time per outp
 is what disaggregation exists to keep steady. At 4 a decode worker prefills itself when it is
 idle (and few requests are expected during the prefill) or when the prompt is short and the
 prefill worker's queue is long; higher values approach `always`. The rates are the workers' own
-fits to their measured steps. What the prediction misses (the
-extra hop of a remote prefill, a worker slower than its fit) is learned per path from observed
-times to first token. `always` and `never` skip the prediction. Every decision is counted.
+fits to their measured steps. What the prediction misses (the extra hop of a remote prefill, a
+worker slower than its fit) is learned per path from observed times to first token. `always` and `never` skip the prediction. Every decision is counted.
 """
 from __future__ import annotations
 
