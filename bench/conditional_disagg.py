@@ -13,7 +13,9 @@ that a slow minute of this shared machine falls on every mode alike. Within a ro
 get prompts of the same lengths with different tokens (so none finds another's prefix in the
 cache) and the same arrival times. Each mode keeps its own learned path corrections. Reported
 per mode and load over all rounds: TTFT p50 / p99 and time per output token (mean and p99 over
-requests), as the client measures them, the decisions made, and auto's ratios per round.
+requests), as the client measures them, the decisions made, and auto's ratios per round; and
+per request its arrival, path, the predictions behind the path and its times (in the JSON; the
+three slowest first tokens of each mode and load are printed).
 
 Writes bench/results/conditional_disagg.json. Run with --help for the flags.
 """
@@ -65,13 +67,27 @@ def run_rounds(args, vocab: int, modes: list[str]) -> tuple[dict, list[dict]]:
                          pools=PoolConfig(torch_threads=args.torch_threads),
                          routing=RoutingConfig(disaggregation="auto", decode_stall_weight=args.decode_stall_weight),
                          cluster_name="bench-conditional-disagg")
-    loads = (("low", args.low_rate, args.low_requests), ("high", args.high_rate, args.high_requests))
-    pooled = {mode: {name: {"timings": [], "decisions": Counter()} for name, _, _ in loads} for mode in modes}
+    loads = [(name, rate, count) for name, rate, count in
+             (("low", args.low_rate, args.low_requests), ("high", args.high_rate, args.high_requests))
+             if name in args.loads]
+    pooled = {mode: {name: {"timings": [], "decisions": Counter(), "requests": []} for name, _, _ in loads}
+              for mode in modes}
     rounds = []
     log("starting 1 prefill + 1 decode worker")
     with EmbeddedCluster(config) as server:
         policy = server.backend.disaggregation
         biases = {mode: PathBias() for mode in modes}  # each mode's learned corrections, its own
+        plans = []  # (prompt length, plan, what the policy saw) of each placement, in order
+        plan = policy.plan
+
+        def recording_plan(request, decode, prefill):
+            chosen = plan(request, decode, prefill)
+            seen = {"decode_running": decode.load.num_running, "decode_queued_tokens": decode.queued_prefill_tokens,
+                    "prefill_queued_tokens": prefill.queued_prefill_tokens if prefill is not None else None}
+            plans.append((request.prompt_len, chosen, seen))
+            return chosen
+
+        policy.plan = recording_plan
 
         def switch(mode: str) -> None:
             policy.mode, policy.bias = mode, biases[mode]
@@ -97,7 +113,9 @@ def run_rounds(args, vocab: int, modes: list[str]) -> tuple[dict, list[dict]]:
                     requests = make_requests(args, vocab, count, length_seed, length_seed + 7919 * (modes.index(mode) + 1))
                     before = Counter(policy.decisions)
                     log(f"round {r + 1}/{args.rounds}: {mode}, {name} load, {count} requests at {rate} req/s")
+                    plans.clear()
                     timings = asyncio.run(drive(requests, rate, length_seed))
+                    pooled[mode][name]["requests"] += per_request(requests, timings, plans, r)
                     errors = [t.error for t in timings if t.error]
                     if errors:
                         raise RuntimeError(f"{mode}/{name}: {len(errors)} requests failed, e.g. {errors[0]}")
@@ -111,7 +129,32 @@ def run_rounds(args, vocab: int, modes: list[str]) -> tuple[dict, list[dict]]:
                 log(f"round {r + 1}: auto / best of the others {verdicts(this_round, [n for n, _, _ in loads])}")
     results = {mode: {name: summarize(v["timings"], dict(v["decisions"])) for name, v in by_load.items()}
                for mode, by_load in pooled.items()}
+    for mode, by_load in pooled.items():
+        for name, v in by_load.items():
+            results[mode][name]["requests"] = v["requests"]
     return results, rounds
+
+
+def per_request(requests, timings, plans, round_index: int) -> list[dict]:
+    """One row per request: its prompt, when it was sent, its path and predictions, its times."""
+    start = min(t.started_at for t in timings)
+    unmatched = list(plans)
+    rows = []
+    for (prompt, tag), timing in sorted(zip(requests, timings), key=lambda pair: pair[1].started_at):
+        row = {"round": round_index + 1, "tag": tag, "prompt_tokens": len(prompt),
+               "sent_s": round(timing.started_at - start, 3), "ttft_ms": round(1000 * timing.ttft_s, 1),
+               "tpot_ms": round(1000 * timing.tpot_s, 1)}
+        match = next((p for p in unmatched if p[0] == len(prompt)), None)  # placements come in arrival order
+        if match is not None:
+            unmatched.remove(match)
+            _, chosen, seen = match
+            row.update(path="remote" if chosen.remote else "local",
+                       predicted_local_ms=round(1000 * chosen.local_ttft_s, 1),
+                       predicted_remote_ms=round(1000 * chosen.remote_ttft_s, 1) if chosen.remote_ttft_s != float("inf") else None,
+                       stall_ms=round(1000 * chosen.stall_s, 1),
+                       arrivals_stall_ms=round(1000 * chosen.arrivals_stall_s, 1), **seen)
+        rows.append(row)
+    return rows
 
 
 def summarize(timings, decisions: dict) -> dict:
@@ -154,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--low-requests", type=int, default=12, help="requests at low load (default 12)")
     parser.add_argument("--high-requests", type=int, default=30, help="requests at high load (default 30)")
     parser.add_argument("--modes", default="auto,always,never", help="modes to run (default auto,always,never)")
+    parser.add_argument("--loads", default="low,high", help="loads to run, of low and high (default low,high)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds; each runs every load in every mode once (default 3)")
     parser.add_argument("--pause-s", type=float, default=2.0, help="seconds of rest between runs (default 2)")
@@ -168,21 +212,24 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conditional_disagg.json"),
                         help="where to write the JSON results")
     args = parser.parse_args(argv)
+    args.loads = args.loads.split(",")
+    if not args.loads or not set(args.loads) <= {"low", "high"}:
+        parser.error(f"--loads takes low, high or both, got {','.join(args.loads)}")
 
     args.model = resolve_model_path(args.model)
     vocab = load_tokenizer(args.model).vocab_size
     modes = args.modes.split(",")
     results, rounds = run_rounds(args, vocab, modes)
     report = {"workload": {k: getattr(args, k) for k in ("short_tokens", "long_tokens", "long_fraction", "output_tokens",
-                                                         "low_rate", "high_rate", "low_requests", "high_requests",
+                                                         "low_rate", "high_rate", "low_requests", "high_requests", "loads",
                                                          "rounds", "torch_threads", "decode_stall_weight", "seed")},
               "model": os.path.basename(args.model),
               "device": device_description(),
               "results": results,
               "rounds": rounds}
     if {"auto", "always", "never"} <= set(modes):
-        report["auto_vs_best_of_others"] = verdicts(results, ["low", "high"])
-        report["auto_vs_best_of_others_per_round"] = [verdicts(r, ["low", "high"]) for r in rounds]
+        report["auto_vs_best_of_others"] = verdicts(results, args.loads)
+        report["auto_vs_best_of_others_per_round"] = [verdicts(r, args.loads) for r in rounds]
     print_table(report)
     write_report(args.out, report, log)
     return 0
@@ -196,7 +243,8 @@ def print_table(report: dict) -> None:
           f"{w['rounds']} round(s) pooled")
     print(f"{'load':<6}{'mode':<8}{'TTFT p50':>10}{'p99':>9}{'short p50':>11}{'long p50':>10}"
           f"{'TPOT mean':>11}{'p99':>8}  decisions")
-    for load in ("low", "high"):
+    loads = [load for load in ("low", "high") if load in w["loads"]]
+    for load in loads:
         for mode, result in report["results"].items():
             r = result[load]
             print(f"{load:<6}{mode:<8}{r['ttft_ms']['p50']:>8.0f}ms{r['ttft_ms']['p99']:>7.0f}ms"
@@ -209,6 +257,16 @@ def print_table(report: dict) -> None:
         for index, per_round in enumerate(report["auto_vs_best_of_others_per_round"]):
             print(f"  round {index + 1}: " + "; ".join(
                 f"{load} " + " ".join(f"{v:.2f}" for v in row.values()) for load, row in per_round.items()))
+    print("slowest first tokens per mode and load (round, prompt, path, predicted local / remote, "
+          "stall of the running / arriving requests, what the decode worker ran then):")
+    for load in loads:
+        for mode, result in report["results"].items():
+            for row in sorted(result[load]["requests"], key=lambda row: -row["ttft_ms"])[:3]:
+                print(f"  {load:<5}{mode:<7} r{row['round']} {row['tag']:<5} {row['prompt_tokens']:>4} tok "
+                      f"at {row['sent_s']:>6.1f}s  TTFT {row['ttft_ms']:>6.0f}ms  {row.get('path', '?'):<6} "
+                      f"{row.get('predicted_local_ms', 0):>6.0f} / {row.get('predicted_remote_ms') or 0:>6.0f}ms  "
+                      f"stall {row.get('stall_ms', 0):>5.0f} + {row.get('arrivals_stall_ms', 0):>4.0f}ms  running {row.get('decode_running', '?')}, "
+                      f"queued {row.get('decode_queued_tokens', '?')} / {row.get('prefill_queued_tokens', '?')} tok")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class StreamTiming:
     cached_prompt_tokens: int = 0
     error: str | None = None
     tag: str = ""  # the workload's label for this request (e.g. "short" / "long")
+    started_at: float = 0.0  # time.perf_counter() when the request was sent
 
 
 def greedy(prompt: list[int], max_tokens: int) -> pb.GenerateRequest:
@@ -35,7 +36,7 @@ def greedy(prompt: list[int], max_tokens: int) -> pb.GenerateRequest:
 
 async def timed_stream(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, tag: str = "") -> StreamTiming:
     timing = StreamTiming(tag=tag)
-    start = time.perf_counter()
+    start = timing.started_at = time.perf_counter()
     first = last = None
     try:
         async for response in stub.Generate(request):

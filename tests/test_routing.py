@@ -221,3 +221,25 @@ def test_a_local_prefill_pays_for_the_requests_that_arrive_while_it_runs():
     idle.update_load(LoadReport(**{**idle.load.__dict__, "requests_taken": 3, "published_at": 70.0}))
     idle.update_load(LoadReport(**{**idle.load.__dict__, "requests_taken": 3, "published_at": 100.0}))
     assert idle.arrivals.per_s < 0.1
+
+
+def test_an_idle_decode_worker_prefills_a_long_prompt_rather_than_wait_long_behind_another():
+    """On an idle decode worker a local prefill pays the weighted delay of the requests expected
+    to arrive during it. A long prompt that would wait on the prefill worker longer than that is
+    prefilled by the decode worker; a shorter wait, or a worker with decodes running, sends it."""
+    policy = DisaggregationPolicy("auto")
+    idle, prefill = worker("decode", 0), worker("prefill", 0)
+    for second in range(60):  # one request a second
+        idle.update_load(LoadReport(**{**idle.load.__dict__, "requests_taken": second,
+                                       "published_at": 2.0 + second}))
+    long = RoutingRequest(730)
+    assert policy.plan(long, idle, prefill).remote  # nothing queued there
+    shorter_wait = policy.plan(long, idle, worker("prefill", 1, queued_tokens=800))
+    assert shorter_wait.remote and shorter_wait.stall_s == 0.0
+    assert shorter_wait.remote_ttft_s < shorter_wait.local_ttft_s + 4 * shorter_wait.arrivals_stall_s
+    long_wait = policy.plan(long, idle, worker("prefill", 2, queued_tokens=1500))
+    assert not long_wait.remote
+    assert long_wait.remote_ttft_s > long_wait.local_ttft_s + 4 * long_wait.arrivals_stall_s
+    running = worker("decode", 1, running=2)
+    running.arrivals = idle.arrivals
+    assert policy.plan(long, running, worker("prefill", 2, queued_tokens=1500)).remote

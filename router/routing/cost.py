@@ -48,17 +48,27 @@ def marginal_prefill_s(worker: WorkerHandle, tokens: int) -> float:
     return prefill_beside_decodes_s(worker, tokens)
 
 
-def decode_slowdown_s(worker: WorkerHandle, tokens: int) -> float:
-    """Total delay a local prefill of `tokens` adds to the requests decoding on the worker. Each
-    of those decoding now waits, in every step that carries a chunk of it, for the duration T of
-    prefill_beside_decodes_s. Requests that arrive while it waits its turn (Q) or runs also decode
-    beside it: at the worker's arrival rate, those of the queue lose all of T and those of the
-    prefill itself what is left of it, T/2 on average. Without that second part, an idle worker
-    would take every long prompt, and every request arriving behind one would decode at the pace
-    of its chunks."""
+def running_stall_s(worker: WorkerHandle, tokens: int) -> float:
+    """Total delay a local prefill of `tokens` adds to the requests decoding on the worker now:
+    each waits, in every step that carries a chunk of it, for the duration of
+    prefill_beside_decodes_s, in the middle of its stream."""
+    return worker.load.num_running * prefill_beside_decodes_s(worker, tokens)
+
+
+def arrivals_stall_s(worker: WorkerHandle, tokens: int) -> float:
+    """Expected total delay a local prefill of `tokens` adds to the requests that arrive at the
+    worker while it waits its turn (Q) or runs (T = prefill_beside_decodes_s), at the worker's
+    measured arrival rate: those of the queue lose all of T, those of the prefill itself what is
+    left of it, T/2 on average. Without this term, an idle worker would take every long prompt,
+    and every request arriving behind one would decode at the pace of its chunks."""
     duration = prefill_beside_decodes_s(worker, tokens)
-    arriving = worker.arrivals.per_s * (queued_prefill_s(worker) + duration / 2)
-    return (worker.load.num_running + arriving) * duration
+    return worker.arrivals.per_s * (queued_prefill_s(worker) + duration / 2) * duration
+
+
+def decode_slowdown_s(worker: WorkerHandle, tokens: int) -> float:
+    """Total delay a local prefill of `tokens` adds to decoding on the worker: to the requests
+    running now and, expected, to those arriving while it waits or runs."""
+    return running_stall_s(worker, tokens) + arrivals_stall_s(worker, tokens)
 
 
 def transfer_s(prefill: WorkerHandle, decode: WorkerHandle, tokens: int) -> float:

@@ -1,9 +1,10 @@
 """Conditional disaggregation: prefill a request on its decode worker, or on a prefill worker.
 
 `auto` predicts the time to first token both ways and takes the smaller, where a local prefill
-also pays for the delay it adds to the requests decoding on that worker, now and arriving while
-it runs at the worker's measured arrival rate, times the stall weight:
-    local  = queued prefill there + uncached tokens there x its prefill rate + weight x that delay
+also pays for the delay it adds to decoding on that worker, times the stall weight:
+    local  = queued prefill there + uncached tokens there x its prefill rate
+             + weight x (the stall of the requests decoding there now
+                         + the expected delay of those arriving while it runs, at the measured rate)
     remote = queued prefill on the prefill worker + its uncached tokens x its rate
              + moving the decode worker's uncached blocks at the measured transfer rate
 The stall weight (default 4) is what one second of stall in a decoding stream costs against one
@@ -14,7 +15,8 @@ is what disaggregation exists to keep steady. At 4 a decode worker prefills itse
 idle (and few requests are expected during the prefill) or when the prompt is short and the
 prefill worker's queue is long; higher values approach `always`. The rates are the workers' own
 fits to their measured steps. What the prediction misses (the extra hop of a remote prefill, a
-worker slower than its fit) is learned per path from observed times to first token. `always` and `never` skip the prediction. Every decision is counted.
+worker slower than its fit) is learned per path from observed times to first token. `always`
+and `never` skip the prediction. Every decision is counted.
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ class PrefillPlan:
     remote: bool
     local_ttft_s: float  # predicted time to first token of a local prefill
     remote_ttft_s: float  # ... of a remote one (inf without a prefill worker)
-    slowdown_s: float  # what a local prefill adds to the decoding requests' latency, in total
+    stall_s: float  # what a local prefill adds to the latency of the requests decoding now, in total
     reason: str  # "auto" | "always" | "never" | "no prefill worker"
     bias_s: float = 0.0  # the learned correction included in the chosen path's prediction
+    arrivals_stall_s: float = 0.0  # ... to the requests expected to arrive while it runs
 
     @property
     def predicted_ttft_s(self) -> float:
@@ -78,7 +81,7 @@ class DisaggregationPolicy:
     def plan(self, request: RoutingRequest, decode: WorkerHandle, prefill: WorkerHandle | None) -> PrefillPlan:
         tokens = request.uncached_tokens(decode)
         local_s = cost.queued_prefill_s(decode) + cost.marginal_prefill_s(decode, tokens) + self.bias.bias[False]
-        slowdown_s = cost.decode_slowdown_s(decode, tokens)
+        stall_s, arrivals_s = cost.running_stall_s(decode, tokens), cost.arrivals_stall_s(decode, tokens)
         remote_s = float("inf")
         if prefill is not None:
             remote_s = (cost.queued_prefill_s(prefill) + cost.prefill_s(prefill, request.uncached_tokens(prefill))
@@ -87,11 +90,11 @@ class DisaggregationPolicy:
         if prefill is None:
             remote, reason = False, "no prefill worker"
         elif self.mode == "auto":
-            remote, reason = remote_s < local_s + self.stall_weight * slowdown_s, "auto"
+            remote, reason = remote_s < local_s + self.stall_weight * (stall_s + arrivals_s), "auto"
         else:
             remote, reason = self.mode == "always", self.mode
         self.decisions[f"{'remote' if remote else 'local'}:{reason}"] += 1
-        return PrefillPlan(remote, local_s, remote_s, slowdown_s, reason, self.bias.bias[remote])
+        return PrefillPlan(remote, local_s, remote_s, stall_s, reason, self.bias.bias[remote], arrivals_s)
 
     def observe(self, plan: PrefillPlan, observed_s: float) -> None:
         """A request's placement-to-first-token time, for the path it took."""
