@@ -151,7 +151,7 @@ def per_request(requests, timings, plans, round_index: int) -> list[dict]:
             row.update(path="remote" if chosen.remote else "local",
                        predicted_local_ms=round(1000 * chosen.local_ttft_s, 1),
                        predicted_remote_ms=round(1000 * chosen.remote_ttft_s, 1) if chosen.remote_ttft_s != float("inf") else None,
-                       stall_ms=round(1000 * chosen.stall_s, 1),
+                       correction_ms=round(1000 * chosen.bias_s, 1), stall_ms=round(1000 * chosen.stall_s, 1),
                        arrivals_stall_ms=round(1000 * chosen.arrivals_stall_s, 1), **seen)
         rows.append(row)
     return rows

@@ -9,6 +9,7 @@ from cluster_state.registry import WorkerRecord
 from router.pools import ClusterView, PoolConfig, WorkerHandle
 from router.pools.actors import actor_options
 from router.routing import DisaggregationPolicy, RoutingRequest, make_policy
+from router.routing.disaggregation import PathBias
 from router.routing.policies import KVAware
 
 BLOCK = 16
@@ -143,8 +144,32 @@ def test_observed_first_token_times_correct_the_path_prediction():
     assert plan.remote
     for _ in range(30):  # the remote path is in fact 4 s slower than its prediction
         policy.observe(plan, plan.remote_ttft_s - plan.bias_s + 4.0)
-    assert policy.bias.bias[True] == pytest.approx(4.0, rel=0.05)
+    assert policy.bias.correction(True, plan.remote_ttft_s - plan.bias_s) == pytest.approx(4.0, rel=0.05)
     assert not policy.plan(request, decode, prefill).remote
+
+
+def test_a_correction_learned_on_long_prompts_scales_down_to_short_ones():
+    """Local prefills of long prompts take 30 % longer than predicted, short ones 10 ms more:
+    the short prompt's correction stays near its own error, the long one's near 30 %."""
+    bias = PathBias()
+    for _ in range(10):
+        bias.observe(False, 2.0, 2.6)
+        bias.observe(False, 0.05, 0.06)
+    assert bias.correction(False, 0.05) == pytest.approx(0.01, abs=0.02)
+    assert bias.correction(False, 2.0) == pytest.approx(0.6, abs=0.05)
+    assert bias.correction(True, 1.0) == pytest.approx(0.005)  # the remote path learned nothing
+    # One request size only: intercept and slope share its error, which is corrected whole.
+    single = PathBias()
+    for _ in range(20):
+        single.observe(True, 0.2, 0.3)
+    assert single.correction(True, 0.2) == pytest.approx(0.1, abs=0.01)
+    # A path far slower than predicted: the slope stops at its bound, the intercept takes the rest.
+    slow = PathBias()
+    for _ in range(20):
+        slow.observe(False, 1.0, 10.0)
+        slow.observe(False, 2.0, 20.0)
+    assert slow.fit[False][1] == PathBias.SLOPE_RANGE[1]
+    assert slow.correction(False, 1.5) == pytest.approx(12.0, rel=0.1)
 
 
 def test_dead_or_unregistered_workers_get_no_new_requests():
@@ -243,3 +268,4 @@ def test_an_idle_decode_worker_prefills_a_long_prompt_rather_than_wait_long_behi
     running = worker("decode", 1, running=2)
     running.arrivals = idle.arrivals
     assert policy.plan(long, running, worker("prefill", 2, queued_tokens=1500)).remote
+

@@ -47,23 +47,49 @@ class PrefillPlan:
 
 
 class PathBias:
-    """Observed minus predicted time to first token, per path, as a moving average.
+    """Observed minus predicted time to first token, per path, fitted as a + b x predicted.
 
-    The remote path starts with a small allowance for its extra hops (two actor calls and the
-    first token's trip), replaced by what is measured from the first remote request on.
+    A fit over exponentially weighted recent requests (each new one weighs `1 / (1 - decay)`
+    times the one before it, the same share `weight` of the whole as a moving average's), so a
+    correction learned where predictions are long does not land whole on short ones: a prompt
+    whose prefill the step fit underestimates by 30 % (long prompts, whose attention the linear
+    fit does not see) moves the correction of a 14-token prompt by 30 % of its own small
+    prediction, not by the long prompt's 600 ms. The intercept carries the fixed extra cost of a
+    path (the remote path's two actor calls and the first token's trip); a weak prior (half a
+    request) keeps it near `remote_hop_s` and the slope near 0 until requests of different sizes
+    tell them apart. The slope stays within [-0.5, 2], so that a run of requests of one size
+    cannot tilt the fit steeply.
     """
 
+    PRIOR = 0.5  # weight of the prior, in requests (for the slope, requests at a 1 s prediction)
+    SLOPE_RANGE = (-0.5, 2.0)
+
     def __init__(self, weight: float = 0.1, remote_hop_s: float = 0.005) -> None:
-        self.weight = weight
-        self.bias = {True: remote_hop_s, False: 0.0}  # remote? -> seconds
+        self.decay = 1.0 - weight
+        self.prior = {True: remote_hop_s, False: 0.0}  # remote? -> intercept before any request
+        self.sums = {path: [0.0] * 5 for path in (True, False)}  # weights, x, x^2, error, x error
+        self.fit = {path: (self.prior[path], 0.0) for path in (True, False)}  # (intercept s, slope)
         self.samples = Counter()
 
+    def correction(self, remote: bool, predicted_s: float) -> float:
+        """Seconds to add to a prediction of `predicted_s` for this path."""
+        intercept, slope = self.fit[remote]
+        return intercept + slope * predicted_s
+
     def observe(self, remote: bool, predicted_s: float, observed_s: float) -> None:
-        error = observed_s - predicted_s
-        if not self.samples[remote]:
-            self.bias[remote] = error
-        else:
-            self.bias[remote] += self.weight * (error - self.bias[remote])
+        error, x = observed_s - predicted_s, predicted_s
+        sums = self.sums[remote]
+        for i, value in enumerate((1.0, x, x * x, error, x * error)):
+            sums[i] = self.decay * sums[i] + value
+        w, sx, sxx, se, sxe = sums
+        # Weighted least squares with the prior as PRIOR extra requests: intercept at the prior,
+        # slope 0 at x = 1 s. Two equations, two unknowns.
+        a11, a12, b1 = w + self.PRIOR, sx, se + self.PRIOR * self.prior[remote]
+        a21, a22, b2 = sx, sxx + self.PRIOR, sxe
+        det = a11 * a22 - a12 * a21  # > 0: both diagonals exceed the off-diagonal (Cauchy-Schwarz)
+        slope = min(max((a11 * b2 - a21 * b1) / det, self.SLOPE_RANGE[0]), self.SLOPE_RANGE[1])
+        intercept = (b1 - a12 * slope) / a11
+        self.fit[remote] = (intercept, slope)
         self.samples[remote] += 1
 
 
@@ -80,13 +106,16 @@ class DisaggregationPolicy:
 
     def plan(self, request: RoutingRequest, decode: WorkerHandle, prefill: WorkerHandle | None) -> PrefillPlan:
         tokens = request.uncached_tokens(decode)
-        local_s = cost.queued_prefill_s(decode) + cost.marginal_prefill_s(decode, tokens) + self.bias.bias[False]
+        local_s = cost.queued_prefill_s(decode) + cost.marginal_prefill_s(decode, tokens)
         stall_s, arrivals_s = cost.running_stall_s(decode, tokens), cost.arrivals_stall_s(decode, tokens)
+        corrections = {False: max(self.bias.correction(False, local_s), -local_s), True: 0.0}
         remote_s = float("inf")
         if prefill is not None:
             remote_s = (cost.queued_prefill_s(prefill) + cost.prefill_s(prefill, request.uncached_tokens(prefill))
-                        + cost.transfer_s(prefill, decode, tokens) + self.bias.bias[True])
-        local_s, remote_s = max(local_s, 0.0), max(remote_s, 0.0)
+                        + cost.transfer_s(prefill, decode, tokens))
+            corrections[True] = max(self.bias.correction(True, remote_s), -remote_s)
+            remote_s += corrections[True]
+        local_s += corrections[False]  # a corrected prediction is never below 0
         if prefill is None:
             remote, reason = False, "no prefill worker"
         elif self.mode == "auto":
@@ -94,7 +123,7 @@ class DisaggregationPolicy:
         else:
             remote, reason = self.mode == "always", self.mode
         self.decisions[f"{'remote' if remote else 'local'}:{reason}"] += 1
-        return PrefillPlan(remote, local_s, remote_s, stall_s, reason, self.bias.bias[remote], arrivals_s)
+        return PrefillPlan(remote, local_s, remote_s, stall_s, reason, corrections[remote], arrivals_s)
 
     def observe(self, plan: PrefillPlan, observed_s: float) -> None:
         """A request's placement-to-first-token time, for the path it took."""
