@@ -268,4 +268,3 @@ def test_an_idle_decode_worker_prefills_a_long_prompt_rather_than_wait_long_behi
     running = worker("decode", 1, running=2)
     running.arrivals = idle.arrivals
     assert policy.plan(long, running, worker("prefill", 2, queued_tokens=1500)).remote
-

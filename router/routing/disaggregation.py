@@ -69,12 +69,11 @@ class PathBias:
         self.prior = {True: remote_hop_s, False: 0.0}  # remote? -> intercept before any request
         self.sums = {path: [0.0] * 5 for path in (True, False)}  # weights, x, x^2, error, x error
         self.fit = {path: (self.prior[path], 0.0) for path in (True, False)}  # (intercept s, slope)
-        self.samples = Counter()
 
     def correction(self, remote: bool, predicted_s: float) -> float:
-        """Seconds to add to a prediction of `predicted_s` for this path."""
+        """Seconds to add to a prediction of `predicted_s` for this path (never below 0 in sum)."""
         intercept, slope = self.fit[remote]
-        return intercept + slope * predicted_s
+        return max(intercept + slope * predicted_s, -predicted_s)
 
     def observe(self, remote: bool, predicted_s: float, observed_s: float) -> None:
         error, x = observed_s - predicted_s, predicted_s
@@ -90,7 +89,6 @@ class PathBias:
         slope = min(max((a11 * b2 - a21 * b1) / det, self.SLOPE_RANGE[0]), self.SLOPE_RANGE[1])
         intercept = (b1 - a12 * slope) / a11
         self.fit[remote] = (intercept, slope)
-        self.samples[remote] += 1
 
 
 class DisaggregationPolicy:
@@ -108,14 +106,14 @@ class DisaggregationPolicy:
         tokens = request.uncached_tokens(decode)
         local_s = cost.queued_prefill_s(decode) + cost.marginal_prefill_s(decode, tokens)
         stall_s, arrivals_s = cost.running_stall_s(decode, tokens), cost.arrivals_stall_s(decode, tokens)
-        corrections = {False: max(self.bias.correction(False, local_s), -local_s), True: 0.0}
+        corrections = {False: self.bias.correction(False, local_s), True: 0.0}
         remote_s = float("inf")
         if prefill is not None:
             remote_s = (cost.queued_prefill_s(prefill) + cost.prefill_s(prefill, request.uncached_tokens(prefill))
                         + cost.transfer_s(prefill, decode, tokens))
-            corrections[True] = max(self.bias.correction(True, remote_s), -remote_s)
+            corrections[True] = self.bias.correction(True, remote_s)
             remote_s += corrections[True]
-        local_s += corrections[False]  # a corrected prediction is never below 0
+        local_s += corrections[False]
         if prefill is None:
             remote, reason = False, "no prefill worker"
         elif self.mode == "auto":
