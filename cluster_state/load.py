@@ -35,7 +35,7 @@ class LoadReport(JsonRecord):
     # {"bytes", "seconds", "transfers", "failures"}; the prefill side counts what it pushed, the
     # decode side what it received.
     kv_transfer: dict = field(default_factory=dict)
-    published_at: float = 0.0  # wall clock (time.time()) of the snapshot
+    published_at: float = 0.0  # wall clock (time.time()) when the engine took the snapshot
 
     @property
     def free_slots(self) -> int:

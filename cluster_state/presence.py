@@ -50,9 +50,11 @@ def registry_record(spec: WorkerSpec, engine: Any, receivers: Any | None) -> Wor
 
 
 def load_report(engine_load: Any, **extra: Any) -> LoadReport:
-    """An engine.step_stats.EngineLoad as the LoadReport routers read."""
+    """An engine.step_stats.EngineLoad as the LoadReport routers read. It is dated when the
+    engine took it, not when it is sent: while a step runs, the worker keeps sending the
+    snapshot taken before the step, and what reached it since is not in that snapshot."""
     fields = {k: v for k, v in dataclasses.asdict(engine_load).items() if k in _REPORT_FIELDS}
-    return LoadReport(**fields, **extra, published_at=time.time())
+    return LoadReport(**fields, **extra, published_at=getattr(engine_load, "taken_at", 0.0) or time.time())
 
 
 async def start_agent(spec: WorkerSpec, background: Any, record: WorkerRecord, secret: bytes | None,

@@ -116,7 +116,8 @@ class LLMEngine:
             step_base_s=fit.base_s, mixed_step_s=fit.mixed_step_s, prefill_s_per_token=fit.prefill_s_per_token,
             decode_s_per_seq=fit.decode_s_per_seq, step_samples=fit.samples,
             prefix_cache_queries=self.kv_manager.prefix_cache_queries,
-            prefix_cache_hits=self.kv_manager.prefix_cache_hits, requests_taken=scheduler.stats.num_requests)
+            prefix_cache_hits=self.kv_manager.prefix_cache_hits, requests_taken=scheduler.stats.num_requests,
+            taken_at=time.time())
 
     def calibrate(self, num_prompt_tokens: int = 128, num_decode_steps: int = 4) -> None:
         """Seed the step-cost fit with real prefills of two lengths and a few decode steps of

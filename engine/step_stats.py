@@ -84,3 +84,4 @@ class EngineLoad:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # of those, tokens found there
     requests_taken: int = 0  # requests taken in since start: their rate is the worker's arrival rate
+    taken_at: float = 0.0  # wall clock (time.time()) of the snapshot

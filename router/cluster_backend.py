@@ -301,14 +301,14 @@ class ClusterBackend:
         reservation = placement.reservation
         tokens = placement.prefill_tokens  # what the prefill worker computes (its own cache's hits aside)
         prefill.in_flight += 1
-        prefill.prefill_tokens_in_flight += tokens
+        send_id = prefill.prefill_sent(tokens)
         try:
             result = await self._call(prefill, prefill.actor.prefill.remote(
                 entry.request_id, entry.prompt_token_ids, entry.params, reservation.ticket, decode.actor,
                 entry.output_token_ids))
         finally:
             prefill.in_flight -= 1
-            prefill.prefill_tokens_in_flight -= tokens
+            prefill.prefill_done(send_id)
         self._observe_first_token(stream)
         logprobs = (result.logprobs,) if result.logprobs is not None else None
         await self._journal_tokens([(stream.request_id, (result.first_token,), None)])

@@ -232,8 +232,10 @@ def test_load_reports_carry_prefix_cache_and_kv_transfer_figures_through_json():
                              max_num_seqs=4, num_free_blocks=3, num_blocks=8, queued_prefill_tokens=0,
                              max_num_batched_tokens=64, step_base_s=0.0, mixed_step_s=0.0,
                              prefill_s_per_token=0.0, decode_s_per_seq=0.0, step_samples=0,
-                             prefix_cache_queries=40, prefix_cache_hits=16)
+                             prefix_cache_queries=40, prefix_cache_hits=16, taken_at=1234.5)
     report = load_report(engine_load, kv_transfer={"shm": counters.snapshot().as_load()})
+    # Dated when the engine took it, however long after (a step running) it is sent.
+    assert report.published_at == 1234.5
     again = LoadReport.from_json(report.to_json())
     assert again == report
     assert (again.prefix_cache_queries, again.prefix_cache_hits) == (40, 16)

@@ -64,6 +64,20 @@ def test_least_loaded_counts_every_router_and_this_ones_admits_in_flight():
     assert policy.choose(workers, RoutingRequest(10)).index == 2
 
 
+def test_queued_prefill_counts_a_prompt_in_progress_by_what_is_left_of_it(monkeypatch):
+    prefill = worker("prefill", 0, queued_tokens=300)  # its report: 300 tokens left, taken at t=1.0
+    clock = iter([0.5, 1.5])
+    monkeypatch.setattr("router.pools.handle.time.time", lambda: next(clock))
+    in_progress = prefill.prefill_sent(720)  # sent before the report: the 300 left of it are in it
+    assert prefill.queued_prefill_tokens == 300
+    later = prefill.prefill_sent(100)  # sent after it: the report cannot show it yet
+    assert prefill.queued_prefill_tokens == 400
+    assert prefill.prefill_tokens_in_flight == 820
+    prefill.prefill_done(in_progress)
+    prefill.prefill_done(later)
+    assert (prefill.queued_prefill_tokens, prefill.prefill_tokens_in_flight, prefill.prefill_sends) == (300, 0, {})
+
+
 def test_round_robin_cycles_in_index_order():
     workers = [worker("decode", i) for i in (2, 0, 1)]
     policy = make_policy("round_robin")

@@ -2,6 +2,7 @@
 router has sent it that the load does not show yet."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -9,6 +10,12 @@ from typing import Any
 
 from cluster_state.load import LoadReport
 from cluster_state.registry import WorkerRecord
+
+
+# A prompt sent at t is in the worker's load snapshots from about t + this on (the actor call,
+# the hop to its engine thread); one sent within it before a report may be counted twice.
+ADMIT_LAG_S = 0.02
+_send_ids = itertools.count()
 
 
 class ArrivalRate:
@@ -46,6 +53,7 @@ class WorkerHandle:
     pending_admissions: int = 0  # admits sent to it that have not answered yet
     pending_blocks: int = 0  # KV blocks those admits will take
     prefill_tokens_in_flight: int = 0  # prompt tokens this router sent it to prefill, not done yet
+    prefill_sends: dict = field(default_factory=dict)  # send id -> (time.time() sent, tokens), not done yet
     refused_at: float | None = None  # last "no room" answer; the worker counts as full until newer load
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
 
@@ -88,11 +96,27 @@ class WorkerHandle:
     def mark_refused(self) -> None:
         self.refused_at = time.time()
 
+    def prefill_sent(self, tokens: int) -> int:
+        """Count a prefill of `tokens` this router just sent the worker; the id for prefill_done."""
+        send_id = next(_send_ids)
+        self.prefill_sends[send_id] = (time.time(), tokens)
+        self.prefill_tokens_in_flight += tokens
+        return send_id
+
+    def prefill_done(self, send_id: int) -> None:
+        _, tokens = self.prefill_sends.pop(send_id)
+        self.prefill_tokens_in_flight -= tokens
+
     @property
     def queued_prefill_tokens(self) -> int:
-        """Prompt tokens waiting on the worker: as published, or at least what this router sent
-        it since (the published load lags by up to one publish interval)."""
-        return max(self.load.queued_prefill_tokens, self.prefill_tokens_in_flight)
+        """Prompt tokens still to compute on the worker: what it published (what is left of the
+        prompts it holds, those in progress included), plus the prompts this router sent it that
+        the report cannot show yet, sent after it was taken. A prompt in progress thus counts by
+        what is left of it, not whole. (The two clocks compared are the router's and the
+        worker's wall clocks, as the registry's leases assume them in step.)"""
+        taken = self.load.published_at - ADMIT_LAG_S
+        unseen = sum(tokens for sent_at, tokens in self.prefill_sends.values() if sent_at > taken)
+        return self.load.queued_prefill_tokens + unseen
 
     @property
     def num_requests(self) -> int:
