@@ -54,7 +54,7 @@ def load_report(engine_load: Any, **extra: Any) -> LoadReport:
     engine took it, not when it is sent: while a step runs, the worker keeps sending the
     snapshot taken before the step, and what reached it since is not in that snapshot."""
     fields = {k: v for k, v in dataclasses.asdict(engine_load).items() if k in _REPORT_FIELDS}
-    return LoadReport(**fields, **extra, published_at=getattr(engine_load, "taken_at", 0.0) or time.time())
+    return LoadReport(**fields, **extra, published_at=engine_load.taken_at or time.time())
 
 
 async def start_agent(spec: WorkerSpec, background: Any, record: WorkerRecord, secret: bytes | None,

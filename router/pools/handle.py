@@ -52,7 +52,6 @@ class WorkerHandle:
     in_flight: int = 0  # this router's requests on it
     pending_admissions: int = 0  # admits sent to it that have not answered yet
     pending_blocks: int = 0  # KV blocks those admits will take
-    prefill_tokens_in_flight: int = 0  # prompt tokens this router sent it to prefill, not done yet
     prefill_sends: dict = field(default_factory=dict)  # send id -> (time.time() sent, tokens), not done yet
     refused_at: float | None = None  # last "no room" answer; the worker counts as full until newer load
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
@@ -100,12 +99,15 @@ class WorkerHandle:
         """Count a prefill of `tokens` this router just sent the worker; the id for prefill_done."""
         send_id = next(_send_ids)
         self.prefill_sends[send_id] = (time.time(), tokens)
-        self.prefill_tokens_in_flight += tokens
         return send_id
 
     def prefill_done(self, send_id: int) -> None:
-        _, tokens = self.prefill_sends.pop(send_id)
-        self.prefill_tokens_in_flight -= tokens
+        del self.prefill_sends[send_id]
+
+    @property
+    def prefill_tokens_in_flight(self) -> int:
+        """Prompt tokens this router sent the worker to prefill, not done yet."""
+        return sum(tokens for _, tokens in self.prefill_sends.values())
 
     @property
     def queued_prefill_tokens(self) -> int:
