@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import sys
@@ -143,7 +144,7 @@ def per_request(requests, timings, plans, round_index: int) -> list[dict]:
     for (prompt, tag), timing in sorted(zip(requests, timings), key=lambda pair: pair[1].started_at):
         row = {"round": round_index + 1, "tag": tag, "prompt_tokens": len(prompt),
                "sent_s": round(timing.started_at - start, 3), "ttft_ms": round(1000 * timing.ttft_s, 1),
-               "tpot_ms": round(1000 * timing.tpot_s, 1)}
+               "tpot_ms": round(1000 * timing.tpot_s, 1), "output_tokens": timing.tokens}
         match = next((p for p in unmatched if p[0] == len(prompt)), None)  # placements come in arrival order
         if match is not None:
             unmatched.remove(match)
@@ -180,6 +181,58 @@ def verdicts(results: dict, loads: list[str]) -> dict:
     return out
 
 
+METRICS = ("ttft_p50", "ttft_p99", "tpot_mean")
+
+
+def ratios_of(rows_by_mode: dict[str, list[dict]]) -> list[float]:
+    """auto / the better of always and never, per metric, over these request rows."""
+    def metrics(rows):
+        tpots = [r["tpot_ms"] for r in rows if r.get("output_tokens", 2) > 1]
+        ttfts = [r["ttft_ms"] for r in rows]
+        return percentile(ttfts, 50), percentile(ttfts, 99), sum(tpots) / len(tpots)
+    by_mode = {mode: metrics(rows) for mode, rows in rows_by_mode.items()}
+    return [by_mode["auto"][k] / min(by_mode["always"][k], by_mode["never"][k]) for k in range(len(METRICS))]
+
+
+def paired_intervals(results: dict, loads: list[str], samples: int = 2000, seed: int = 0) -> dict:
+    """How far auto's ratios could move by chance: a paired bootstrap over requests.
+
+    Within a round the three modes get prompts of the same lengths at the same arrival times, so
+    the k-th request of a round is one workload unit seen three ways. Resampling units (with
+    replacement, the three modes' requests together) keeps what they share, the prompt length and
+    what arrived around it, and varies what the machine did to each. Reported per load and metric:
+    the ratio, its 5th-95th percentile over the resamples, and the share of resamples in which
+    auto is at least as good (ratio <= 1).
+    """
+    rng = random.Random(seed)
+    out = {}
+    for load in loads:
+        by_round = {mode: {} for mode in ("auto", "always", "never")}
+        for mode, rounds in by_round.items():
+            for row in results[mode][load]["requests"]:  # in arrival order within each round
+                rounds.setdefault(row["round"], []).append(row)
+        units = []
+        for rnd, auto_rows in by_round["auto"].items():
+            for k, row in enumerate(auto_rows):
+                others = [by_round[m][rnd][k] for m in ("always", "never")]
+                if any(other["prompt_tokens"] != row["prompt_tokens"] for other in others):
+                    raise RuntimeError(f"round {rnd}, request {k + 1}: the modes' prompts differ, cannot pair them")
+                units.append({"auto": row, "always": others[0], "never": others[1]})
+
+        def ratios(sample):
+            return ratios_of({mode: [unit[mode] for unit in sample] for mode in ("auto", "always", "never")})
+        point = ratios(units)
+        resampled = [ratios([rng.choice(units) for _ in units]) for _ in range(samples)]
+        row = {}
+        for k, metric in enumerate(METRICS):
+            values = sorted(r[k] for r in resampled)
+            row[metric] = {"ratio": round(point[k], 3),
+                           "p5": round(percentile(values, 5), 3), "p95": round(percentile(values, 95), 3),
+                           "share_at_most_1": round(sum(v <= 1.0 for v in values) / samples, 3)}
+        out[load] = {"pairs": len(units), **row}
+    return out
+
+
 def parse_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition(",")
     return int(low), int(high or low)
@@ -211,7 +264,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrivals")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conditional_disagg.json"),
                         help="where to write the JSON results")
+    parser.add_argument("--reanalyze", metavar="JSON",
+                        help="run nothing: read an earlier report, add the paired bootstrap, print it")
     args = parser.parse_args(argv)
+    if args.reanalyze:
+        with open(args.reanalyze) as f:
+            report = json.load(f)
+        report["auto_vs_best_of_others_paired_bootstrap"] = paired_intervals(
+            report["results"], report["workload"]["loads"], seed=report["workload"]["seed"])
+        print_table(report)
+        return 0
     args.loads = args.loads.split(",")
     if not args.loads or not set(args.loads) <= {"low", "high"}:
         parser.error(f"--loads takes low, high or both, got {','.join(args.loads)}")
@@ -230,6 +292,7 @@ def main(argv=None) -> int:
     if {"auto", "always", "never"} <= set(modes):
         report["auto_vs_best_of_others"] = verdicts(results, args.loads)
         report["auto_vs_best_of_others_per_round"] = [verdicts(r, args.loads) for r in rounds]
+        report["auto_vs_best_of_others_paired_bootstrap"] = paired_intervals(results, args.loads, seed=args.seed)
     print_table(report)
     write_report(args.out, report, log)
     return 0
@@ -257,6 +320,11 @@ def print_table(report: dict) -> None:
         for index, per_round in enumerate(report["auto_vs_best_of_others_per_round"]):
             print(f"  round {index + 1}: " + "; ".join(
                 f"{load} " + " ".join(f"{v:.2f}" for v in row.values()) for load, row in per_round.items()))
+        print("  paired bootstrap over requests (ratio [5th-95th percentile], share of resamples <= 1):")
+        for load, row in report["auto_vs_best_of_others_paired_bootstrap"].items():
+            print(f"  {load:<5} " + "  ".join(
+                f"{m} {row[m]['ratio']:.3f} [{row[m]['p5']:.3f}-{row[m]['p95']:.3f}] {row[m]['share_at_most_1']:.0%}"
+                for m in METRICS) + f"  ({row['pairs']} pairs)")
     print("slowest first tokens per mode and load (round, prompt, path, predicted local / remote, "
           "stall of the running / arriving requests, what the decode worker ran then):")
     for load in loads:

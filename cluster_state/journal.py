@@ -44,6 +44,7 @@ class JournalEntry:
     output_token_ids: list[int]
     finish_reason: str | None
     placement: dict  # {"worker": worker id, "request": the id on that worker}, when placed
+    owner: str = ""  # who may resume it: a digest of the client's API key ("" where keys are off)
 
 
 class RequestJournal:
@@ -57,13 +58,13 @@ class RequestJournal:
         return self.keys.journal(request_id)
 
     async def begin(self, request_id: str, prompt_token_ids: list[int], params: dict,
-                    output_token_ids: list[int] = ()) -> None:
+                    output_token_ids: list[int] = (), owner: str = "") -> None:
         """A new stream (or one this router took over: it starts with the tokens it resumed)."""
         key = self._key(request_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(key, key + ":tokens")
         pipe.hset(key, mapping={"prompt": _pack(prompt_token_ids), "params": json.dumps(params),
-                                "router": self.router_id})
+                                "router": self.router_id, "owner": owner})
         if output_token_ids:
             pipe.set(key + ":tokens", _pack(output_token_ids))
         pipe.pexpire(key, self.ttl_ms)
@@ -99,7 +100,8 @@ class RequestJournal:
         finish = fields.get(b"finish")
         return JournalEntry(request_id, _unpack(fields[b"prompt"]), json.loads(fields[b"params"]),
                             fields[b"router"].decode(), _unpack(tokens), finish.decode() if finish else None,
-                            json.loads(fields[b"placement"]) if b"placement" in fields else {})
+                            json.loads(fields[b"placement"]) if b"placement" in fields else {},
+                            fields.get(b"owner", b"").decode())
 
     async def forget(self, request_id: str) -> None:
         key = self._key(request_id)

@@ -55,7 +55,9 @@ class GenerationBackend(Protocol):
 
     generate() may raise QueueFullError or RequestTooLargeError either when called or from the
     first iteration step. A request may wait (queued) before its first delta; `priority` orders
-    the wait, lower first. After the iterator yields a delta with finish_reason set it ends.
+    the wait, lower first; `owner` (Gatekeeper.owner of the client, "" where keys are off) is
+    kept with the stream where it can be resumed, so that only its client may resume it. After
+    the iterator yields a delta with finish_reason set it ends.
     abort() must be safe to call for a request that already finished or was never admitted (it
     is then a no-op).
     """
@@ -63,7 +65,8 @@ class GenerationBackend(Protocol):
     max_model_len: int
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        owner: str = "",
     ) -> AsyncIterator[TokenDelta]: ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -155,7 +155,7 @@ class ClusterBackend:
 
     # --- one request ------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[TokenDelta]:
+                       priority: int = 0, owner: str = "") -> AsyncIterator[TokenDelta]:
         if request_id in self.streams:
             raise BackendError(f"request id {request_id!r} is already in flight on this router")
         self._check_fits(prompt_token_ids, params)
@@ -163,7 +163,7 @@ class ClusterBackend:
         self._submit(stream)  # placed now, or queued; QueueFullError when the queue is full
         self.streams[request_id] = stream
         begin = lambda: self._journal_call(stream, lambda j: j.begin(  # noqa: E731
-            request_id, stream.prompt_token_ids, _params_record(params)))
+            request_id, stream.prompt_token_ids, _params_record(params), owner=owner))
         async for delta in self.run_stream(stream, begin):
             yield delta
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -91,7 +92,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _generate(self, request: pb.GenerateRequest, context: Any, admitted_at: float) -> None:
         try:
-            admitted = self._intake.admit(from_proto(request), admitted_at)
+            admitted = replace(self._intake.admit(from_proto(request), admitted_at), owner=self._owner(context))
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))  # raises
             return
@@ -99,7 +100,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             logger.exception("admitting a request failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"tokenization failed: {exc}")
             return
-        grant = await self._charge(context, admitted)
+        grant = await self._charge(context, len(admitted.prompt_token_ids), admitted.params.max_tokens)
         stream = self._relay.text_stream(admitted)
         try:
             await self._run(admitted, context, stream)
@@ -127,7 +128,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 message = f"sampling_params.max_tokens: {message}"
             await context.abort(_STATUS[failure.kind], message)
 
-    async def _charge(self, context: Any, admitted: AdmittedRequest):
+    def _owner(self, context: Any) -> str:
+        return self._gate.owner(metadata_value(context.invocation_metadata(), "authorization"))
+
+    async def _charge(self, context: Any, prompt_tokens: int, max_tokens: int):
         """Take the request's share of its key's rate limits; RESOURCE_EXHAUSTED with a
         `retry-after` (seconds) in the trailing metadata when it is over them."""
         if not self._gate.quota.enabled:
@@ -135,7 +139,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         client = self._gate.client_id(metadata_value(context.invocation_metadata(), "authorization"),
                                       context.peer())
         try:
-            return await self._gate.quota.take(client, len(admitted.prompt_token_ids), admitted.params.max_tokens)
+            return await self._gate.quota.take(client, prompt_tokens, max_tokens)
         except RateLimited as exc:
             retry = exc.retry_after_header
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
@@ -143,7 +147,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     # --- resuming a stream another router began -------------------------------------------
     async def _resume(self, request: pb.GenerateRequest, context: Any, admitted_at: float) -> None:
-        """Continue a journaled stream from the client's `resume_from` tokens on."""
+        """Continue a journaled stream from the client's `resume_from` tokens on, for the key that
+        began it only (another key's stream reads as NOT_FOUND). It takes nothing from the rate
+        limits: the stream's admission took its prompt and all of its max_tokens, and the router
+        that died never gave back what it did not generate."""
         request_id, resume_from = request.request_id, request.resume_from
         if not request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required with resume_from")
@@ -154,11 +161,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "resume_from: this router keeps no request journal")
         try:
             resumed = await take_over(self._backend, getattr(self._backend, "routers", None),
-                                      request_id, resume_from)
+                                      request_id, resume_from, owner=self._owner(context))
         except ResumeError as exc:
             await context.abort(_RESUME_CODES[exc.code], f"resume_from: {exc}")
             return
-        admitted = AdmittedRequest(request_id, resumed.prompt_token_ids, resumed.params, 0, admitted_at)
+        admitted = AdmittedRequest(request_id, resumed.prompt_token_ids, resumed.params, 0, admitted_at,
+                                   self._owner(context))
         stream = self._relay.text_stream(admitted)
         # The client has these tokens; replaying them puts the detokenizer and the stop-string
         # matcher where the dead router left them, text held back included.

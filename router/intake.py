@@ -89,6 +89,7 @@ class AdmittedRequest:
     params: SamplingParams
     priority: int
     admitted_at: float  # time.monotonic() when the front door received it
+    owner: str = ""  # Gatekeeper.owner of its client: who may resume the stream
 
 
 def make_sampling_params(kwargs: dict[str, Any], field_name: Callable[[str], str]) -> SamplingParams:

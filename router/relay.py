@@ -88,7 +88,7 @@ class Relay:
         try:
             if deltas is None:
                 deltas = self.backend.generate(request.request_id, request.prompt_token_ids, request.params,
-                                               request.priority)
+                                               request.priority, owner=request.owner)
             async for delta in deltas:
                 timing.tokens(len(delta.new_token_ids))
                 chunk = stream.process(delta)

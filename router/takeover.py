@@ -9,6 +9,7 @@ tokens and decoding goes on. What the dead router left running on a worker is ab
 from __future__ import annotations
 
 import asyncio
+import hmac
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,12 +40,15 @@ def params_from_record(fields: dict) -> SamplingParams:
     return SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-async def take_over(backend, routers: RouterRegistry | None, request_id: str, resume_from: int) -> Resumption:
+async def take_over(backend, routers: RouterRegistry | None, request_id: str, resume_from: int,
+                    owner: str = "") -> Resumption:
+    """`owner` is the resuming client's (Gatekeeper.owner): only the client whose key began a
+    stream may resume it, and a stream of another key reads as one that does not exist."""
     journal = backend.journal
     if journal is None:
         raise ResumeError("not_found", "this router keeps no request journal")
     entry = await journal.read(request_id)
-    if entry is None:
+    if entry is None or not hmac.compare_digest(entry.owner, owner):
         raise ResumeError("not_found", f"no journal for request {request_id!r} (never started, or expired)")
     if request_id in backend.streams:
         raise ResumeError("still_running", f"request {request_id!r} is streaming from this router")
@@ -67,7 +71,7 @@ async def _continue(backend, entry: JournalEntry, resume_from: int, params: Samp
     stream = backend.adopt(entry.request_id, entry.prompt_token_ids, params, entry.output_token_ids,
                            tag=secrets.token_hex(3))
     begin = lambda: backend.journal.begin(  # noqa: E731
-        entry.request_id, entry.prompt_token_ids, entry.params, entry.output_token_ids)
+        entry.request_id, entry.prompt_token_ids, entry.params, entry.output_token_ids, owner=entry.owner)
     replay = TokenDelta(entry.request_id, missing, None) if missing else None
     async for delta in backend.run_stream(stream, begin, replay):
         yield delta

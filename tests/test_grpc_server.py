@@ -82,7 +82,7 @@ class FakeBackend:
         self.abort_event.set()
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 priority: int = 0) -> AsyncIterator[TokenDelta]:
+                 priority: int = 0, owner: str = "") -> AsyncIterator[TokenDelta]:
         self.calls.append((request_id, prompt_ids, params))
         self.priorities.append(priority)
         if self.queue_full == "call":
@@ -247,10 +247,10 @@ def test_priority_reaches_the_backend_and_a_request_too_large_is_invalid() -> No
     from router.backend import RequestTooLargeError
 
     class TooLarge(FakeBackend):
-        def generate(self, request_id, prompt_ids, params, priority=0):
+        def generate(self, request_id, prompt_ids, params, priority=0, owner=""):
             if priority == 99:
                 raise RequestTooLargeError("prompt + max_tokens is 900 tokens, the largest KV cache holds 512")
-            return super().generate(request_id, prompt_ids, params, priority)
+            return super().generate(request_id, prompt_ids, params, priority, owner)
 
     async def scenario():
         backend = TooLarge()

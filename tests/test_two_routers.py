@@ -138,14 +138,14 @@ def test_a_stream_resumes_on_another_router_after_its_router_is_killed(
     """Acceptance: kill -9 of the router mid-stream after k tokens; the client resumes on the
     other router with the same request id and resume_from=k and gets the rest, each token once:
     the concatenation equals an uninterrupted engine.LLM greedy run. Both routers require an API
-    key and share one rate limit through Redis."""
+    key and share one rate limit through Redis; another accepted key cannot resume the stream."""
     from cluster_state.server import free_port
 
     model, prompt, total = long_tiny_checkpoint, PROMPTS[3], 1200
     params = SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
     expected = LLM(model, dtype="float32", device="cpu").generate([prompt], params)[0].token_ids
     port_a, port_b = free_port(), free_port()
-    security = ("--api-key", "secret-key", "--rate-limit-rpm", "2")
+    security = ("--api-key", "secret-key", "--api-key", "other-key", "--rate-limit-rpm", "2")
     key = (("authorization", "Bearer secret-key"),)
     router_a, log_a = start_router(tmp_path, "a", port_a, ray_head, redis_server.url, cluster_name, model,
                                    *security)
@@ -169,6 +169,9 @@ def test_a_stream_resumes_on_another_router_after_its_router_is_killed(
         assert k < total  # killed mid-stream
 
         resume = pb.GenerateRequest(request_id="resume-me", resume_from=k)
+        with pytest.raises(grpc.RpcError) as stranger:  # a valid key, not the stream's: no such stream
+            collect(stub_b.Generate(resume, timeout=30, metadata=(("authorization", "Bearer other-key"),)))
+        assert stranger.value.code() == grpc.StatusCode.NOT_FOUND and "resume-me" in stranger.value.details()
         deadline = time.monotonic() + 60
         while True:  # UNAVAILABLE until A's router lease runs out: it might still be alive
             try:

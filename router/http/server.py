@@ -131,7 +131,8 @@ class HttpServer:
         try:
             api = parse(fields)
             checked = replace(api.checked, request_id=f"{id_prefix}-{uuid.uuid4().hex}")
-            admitted = self.intake.with_names(api.names).admit(checked, admitted_at)
+            admitted = replace(self.intake.with_names(api.names).admit(checked, admitted_at),
+                               owner=self.gate.owner(request.headers.get("Authorization")))
         except InvalidArgument as exc:
             raise api_error(exc) from exc
         answer = Answer(api, admitted.request_id, api.model or self.backend.model_names()[0], self.tokenizer)

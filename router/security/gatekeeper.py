@@ -1,6 +1,7 @@
 """What both front doors ask before a request reaches the cluster, built once per router."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from cluster_state.rate_limits import RateLimiter
@@ -47,6 +48,14 @@ class Gatekeeper:
         charged to it, every made-up token would get a bucket of its own."""
         token = bearer_token(authorization) if self.keys.required else None
         return token or f"address:{client_host(address)}"
+
+    def owner(self, authorization: str | None) -> str:
+        """Who may resume a request's stream: a digest of its (verified) API key, kept in the
+        request journal instead of the key; "" where keys are not required, since anyone may
+        then send anything. An address would not do: a client resumes after a router died,
+        often from another connection, through another proxy."""
+        token = bearer_token(authorization) if self.keys.required else None
+        return hashlib.sha256(token.encode()).hexdigest() if token else ""
 
 
 def client_host(address: str) -> str:
