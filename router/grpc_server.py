@@ -92,7 +92,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _generate(self, request: pb.GenerateRequest, context: Any, admitted_at: float) -> None:
         try:
-            admitted = replace(self._intake.admit(from_proto(request), admitted_at), owner=self._owner(context))
+            admitted = replace(await self._intake.admit_async(from_proto(request), admitted_at),
+                               owner=self._owner(context))
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))  # raises
             return

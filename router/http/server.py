@@ -131,7 +131,7 @@ class HttpServer:
         try:
             api = parse(fields)
             checked = replace(api.checked, request_id=f"{id_prefix}-{uuid.uuid4().hex}")
-            admitted = replace(self.intake.with_names(api.names).admit(checked, admitted_at),
+            admitted = replace(await self.intake.with_names(api.names).admit_async(checked, admitted_at),
                                owner=self.gate.owner(request.headers.get("Authorization")))
         except InvalidArgument as exc:
             raise api_error(exc) from exc
