@@ -94,6 +94,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             admitted = replace(await self._intake.admit_async(from_proto(request), admitted_at),
                                owner=self._owner(context))
+            admitted = self._gate.quota.fit_defaulted_max_tokens(admitted)
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))  # raises
             return

@@ -91,6 +91,7 @@ class AdmittedRequest:
     priority: int
     admitted_at: float  # time.monotonic() when the front door received it
     owner: str = ""  # Gatekeeper.owner of its client: who may resume the stream
+    max_tokens_explicit: bool = True  # False: the server chose max_tokens (the context's room)
 
 
 def make_sampling_params(kwargs: dict[str, Any], field_name: Callable[[str], str]) -> SamplingParams:
@@ -159,7 +160,8 @@ class Intake:
             self.limits.check_prompt_tokens(len(prompt_ids), input_field(checked, self.names))
         params = self._fit_context(checked, len(prompt_ids))
         request_id = checked.request_id or f"req-{uuid.uuid4().hex}"
-        return AdmittedRequest(request_id, prompt_ids, params, checked.priority, admitted_at)
+        return AdmittedRequest(request_id, prompt_ids, params, checked.priority, admitted_at,
+                               max_tokens_explicit=checked.max_tokens_explicit)
 
     async def admit_async(self, checked: GenerateInput, admitted_at: float | None = None) -> AdmittedRequest:
         """admit(), in a worker thread when the text is long enough that tokenizing it would

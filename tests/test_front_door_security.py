@@ -249,6 +249,34 @@ def test_rate_limits_are_shared_by_two_servers_through_redis(redis_server, clust
     assert "--rate-limit-tpm" in too_big.details() and "retry-after" not in dict(too_big.trailing_metadata())
 
 
+def test_a_request_without_max_tokens_runs_within_a_minute_of_tokens(redis_server, cluster_name) -> None:
+    """The server would give it the rest of the 64-token context, more than the 50 tokens a
+    minute the key has: it runs to 50 less its prompt instead of being refused; one that asks
+    for more than that itself is still refused."""
+    backend = FakeBackend()
+
+    async def scenario():
+        redis = connect(RedisSettings(redis_server.url))
+        security = SecurityConfig(ApiKeys(KEYS), RateLimit(tokens_per_minute=50))
+        gate = Gatekeeper.build(security, RequestLimits(), redis, ClusterKeys(cluster_name))
+        try:
+            async with server_with(gate, backend) as (_, port):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = pb_grpc.GenerationStub(channel)
+                    defaulted = await collect(stub, prompt_request(), metadata=bearer("key-one"))
+                    asked = await refusal(collect(stub, prompt_request(max_tokens=60), metadata=bearer("key-two")))
+        finally:
+            await redis.aclose()
+        return defaulted, asked
+
+    defaulted, asked = run(scenario())
+    (_, prompt_ids, params), = backend.calls
+    assert params.max_tokens == 50 - len(prompt_ids)
+    assert defaulted[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert defaulted[-1].usage.completion_tokens == 50 - len(prompt_ids)
+    assert asked.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--rate-limit-tpm" in asked.details()
+
+
 def test_without_keys_made_up_tokens_share_their_address_bucket(redis_server, cluster_name) -> None:
     """No keys configured: a bearer token nobody checks must not buy a fresh bucket."""
     async def scenario():

@@ -133,6 +133,7 @@ class HttpServer:
             checked = replace(api.checked, request_id=f"{id_prefix}-{uuid.uuid4().hex}")
             admitted = replace(await self.intake.with_names(api.names).admit_async(checked, admitted_at),
                                owner=self.gate.owner(request.headers.get("Authorization")))
+            admitted = self.gate.quota.fit_defaulted_max_tokens(admitted)
         except InvalidArgument as exc:
             raise api_error(exc) from exc
         answer = Answer(api, admitted.request_id, api.model or self.backend.model_names()[0], self.tokenizer)

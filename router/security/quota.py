@@ -2,7 +2,9 @@
 
 What counts as tokens: a request takes its prompt tokens plus its max_tokens (after the server
 fitted max_tokens to the context) when it is admitted, so concurrent requests cannot overdraw a
-key; when it ends, the max_tokens it did not generate are given back. Without API keys the
+key; when it ends, the max_tokens it did not generate are given back. A request that left
+max_tokens to the server would take the whole rest of the context, more than a small per-minute
+limit holds; it runs to at most the limit less its prompt instead (fit_defaulted_max_tokens). Without API keys the
 limits apply per client address. Redis away: requests pass (logged once per outage), because
 no request depends on Redis while it runs.
 """
@@ -10,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster_state.connection import is_redis_error
 from cluster_state.rate_limits import RateLimit, RateLimiter
+from router.intake import AdmittedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,17 @@ class Quota:
     @property
     def enabled(self) -> bool:
         return self._limiter is not None
+
+    def fit_defaulted_max_tokens(self, admitted: AdmittedRequest) -> AdmittedRequest:
+        """A request whose max_tokens the server chose, capped so that it fits a minute's tokens
+        with its prompt (a prompt that alone is over the limit is left to take()'s refusal)."""
+        tpm = self.limit.tokens_per_minute if self._limiter is not None else 0
+        if not tpm or admitted.max_tokens_explicit:
+            return admitted
+        room = tpm - len(admitted.prompt_token_ids)
+        if room < 1 or admitted.params.max_tokens <= room:
+            return admitted
+        return replace(admitted, params=replace(admitted.params, max_tokens=room))
 
     async def take(self, client: str, prompt_tokens: int, max_tokens: int) -> Grant | None:
         """Charge one request; RateLimited when the client is over a limit."""
