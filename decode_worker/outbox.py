@@ -24,11 +24,14 @@ class StepDelta:
     finish_reason: str | None
     logprobs: tuple[dict[int, float], ...] | None
     num_cached_tokens: int
+    # Set when the worker gave the request up for a cause another placement survives (the
+    # prefill worker sending its KV stopped renewing the lease): the router places it again.
+    lost: str | None = None
 
     def merged_with(self, later: "StepDelta") -> "StepDelta":
         logprobs = None if later.logprobs is None else (self.logprobs or ()) + later.logprobs
         return StepDelta(self.request_id, self.new_token_ids + later.new_token_ids, later.finish_reason,
-                         logprobs, later.num_cached_tokens)
+                         logprobs, later.num_cached_tokens, later.lost or self.lost)
 
 
 class _Box:

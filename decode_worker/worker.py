@@ -333,7 +333,10 @@ class DecodeWorker:
     async def _abort_expired(self, request_id: str) -> None:
         # The peer stopped renewing: it is dead or hung, so stop waiting for its transfer.
         self._in_transfer.discard(request_id)
-        self.outboxes.put(StepDelta(request_id, (), "abort", None, 0))  # ends the router's stream
+        # Ends this placement at the router, which places the request again.
+        self.outboxes.put(StepDelta(request_id, (), "abort", None, 0, lost=(
+            f"the KV of {request_id} stopped arriving: its prefill worker has not renewed the lease "
+            f"for {self.spec.lease_ttl_s:g} s")))
         await self._abort_now(request_id)
 
     async def _expire_forever(self, period_s: float = 1.0) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from cluster_state.aio import stop_tasks
@@ -303,9 +303,9 @@ class ClusterBackend:
         prefill.in_flight += 1
         send_id = prefill.prefill_sent(tokens)
         try:
-            result = await self._call(prefill, prefill.actor.prefill.remote(
+            result = await self._unless_given_up(stream, self._call(prefill, prefill.actor.prefill.remote(
                 entry.request_id, entry.prompt_token_ids, entry.params, reservation.ticket, decode.actor,
-                entry.output_token_ids))
+                entry.output_token_ids)))
         finally:
             prefill.in_flight -= 1
             prefill.prefill_done(send_id)
@@ -319,6 +319,39 @@ class ClusterBackend:
             stream.settled = True
             await self._journal_tokens([(stream.request_id, (), final.finish_reason)])
             yield TokenDelta(stream.request_id, (), final.finish_reason, None, reservation.num_cached_tokens)
+
+    @staticmethod
+    async def _unless_given_up(stream: _Stream, call: Awaitable):
+        """`call`'s result, unless the decode worker gives the placement up first: a WorkerLost in
+        the stream's queue, as when the prefill worker this router is waiting on hangs (its call
+        would never return) and stops renewing its lease on the decode worker's blocks. Anything
+        else that arrives meanwhile stays queued, in order."""
+        task = asyncio.ensure_future(call)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # abandoned: no warning
+        early = []
+        try:
+            while True:
+                item = asyncio.ensure_future(stream.queue.get())
+                try:
+                    await asyncio.wait({task, item}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not item.done():
+                        item.cancel()
+                if item.done() and not item.cancelled():
+                    if isinstance(item.result(), Exception):
+                        task.cancel()
+                        raise item.result()
+                    early.append(item.result())
+                if task.done():
+                    return task.result()
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            if early:  # back in front of what came after them
+                later = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+                for queued in early + later:
+                    stream.queue.put_nowait(queued)
 
     async def _decode_leg(self, stream: _Stream) -> AsyncIterator[TokenDelta]:
         while True:

@@ -72,8 +72,12 @@ class TokenPumps:
                 if target is not None and target[1] in (None, worker):
                     deliveries.append((target, delta))
             if deliveries and self.journal is not None:
-                await self.journal([(target[2], d.new_token_ids, d.finish_reason) for target, d in deliveries])
+                await self.journal([(target[2], d.new_token_ids, d.finish_reason) for target, d in deliveries
+                                    if d.lost is None])
             for (queue, _, client_id), delta in deliveries:
+                if delta.lost is not None:  # the worker gave this placement up; another may do
+                    queue.put_nowait(WorkerLost(worker, f"{worker.name}: {delta.lost}"))
+                    continue
                 queue.put_nowait(TokenDelta(client_id, delta.new_token_ids, delta.finish_reason,
                                             delta.logprobs, delta.num_cached_tokens))
             if batch.deltas:

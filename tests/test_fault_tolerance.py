@@ -60,8 +60,8 @@ def prompts(demo_gguf_path, count: int, words: int, seed: int) -> list[list[int]
 class Streams:
     """Greedy streams from a thread of their own, each token recorded as it arrives."""
 
-    def __init__(self, port: int, requests) -> None:
-        self.port, self.requests = port, requests
+    def __init__(self, port: int, requests, timeout_s: float = 240) -> None:
+        self.port, self.requests, self.timeout_s = port, requests, timeout_s
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.errors: list[str | None] = [None] * len(requests)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -81,7 +81,7 @@ class Streams:
 
     async def _one(self, stub, i: int) -> None:
         try:
-            async for response in stub.Generate(self.requests[i], timeout=240):
+            async for response in stub.Generate(self.requests[i], timeout=self.timeout_s):
                 self.tokens[i].extend(response.token_ids)
         except grpc.aio.AioRpcError as err:
             self.errors[i] = f"{err.code()}: {err.details()}"
@@ -186,3 +186,34 @@ def test_blocks_held_for_a_dead_peer_come_back_within_10_seconds(cluster, demo_g
         wait_back(cluster, dead, generation)
     print("stranded blocks came back after:", {k: f"{v:.1f}s" for k, v in measured.items()})
     assert all(seconds < 10 for seconds in measured.values()), measured
+
+
+def test_a_prefill_worker_that_hangs_mid_prefill_has_its_prompts_prefilled_elsewhere(cluster, reference, demo_gguf_path):
+    """SIGSTOP, not a kill: the process lives on, its actor calls never return. The decode
+    workers give up the KV they reserved for it when it stops renewing its leases, and the
+    router places those requests again instead of waiting on the hung call forever."""
+    batch = prompts(demo_gguf_path, 4, 180, seed=4)
+    expected = [o.token_ids for o in reference.generate(
+        batch, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))]
+    wait_until(lambda: all(cluster.backend.view.routable(w) for w in cluster.backend.view.workers.values()),
+               180, "every worker to be up")
+    victim = worker(cluster, "prefill-0")
+    pid = pid_of(cluster, "prefill-0")
+    resumed_before = cluster.backend.resumed
+    stopped_at = None
+    try:
+        with Streams(cluster.port, [greedy_request(p, 8) for p in batch], timeout_s=90) as streams:
+            wait_until(lambda: victim.in_flight > 0, 60, "prefill-0 to be prefilling")
+            os.kill(pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            wait_until(lambda: all(len(t) == 8 for t in streams.tokens) or any(streams.errors), 60,
+                       "the streams to end")
+            took = time.monotonic() - stopped_at
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert streams.errors == [None] * 4
+    assert streams.tokens == expected
+    assert cluster.backend.resumed > resumed_before
+    print(f"streams of the hung prefill worker ended {took:.1f} s after it stopped (lease {LEASE_S} s)")
+    wait_until(lambda: cluster.backend.view.routable(victim), 60, "prefill-0 to be routable again")
+    assert workers_idle(cluster.wait_for_baseline(60))
