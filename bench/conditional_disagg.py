@@ -213,6 +213,9 @@ def paired_intervals(results: dict, loads: list[str], samples: int = 2000, seed:
                 rounds.setdefault(row["round"], []).append(row)
         units = []
         for rnd, auto_rows in by_round["auto"].items():
+            counts = {m: len(by_round[m].get(rnd, ())) for m in by_round}
+            if len(set(counts.values())) > 1:
+                raise RuntimeError(f"round {rnd}: the modes have different numbers of requests {counts}, cannot pair them")
             for k, row in enumerate(auto_rows):
                 others = [by_round[m][rnd][k] for m in ("always", "never")]
                 if any(other["prompt_tokens"] != row["prompt_tokens"] for other in others):

@@ -17,6 +17,10 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+# Texts at least this long are encoded without holding the GIL, so that a server's event loop goes
+# on while another thread tokenizes a long prompt (router.intake.Intake.admit_async).
+_GIL_FREE_CHARS = 4096
+
 # GGUF token types (llama.cpp's llama_token_type).
 _GGUF_NORMAL, _GGUF_UNKNOWN, _GGUF_CONTROL, _GGUF_USER_DEFINED, _GGUF_UNUSED, _GGUF_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -175,7 +179,10 @@ class Tokenizer:
 
     # --- encode / decode --------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < _GIL_FREE_CHARS:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        else:  # the same ids; encode_batch lets go of the GIL while it works, encode does not
+            ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if (
             add_special_tokens
             and self.add_bos_token

@@ -153,7 +153,9 @@ class Intake:
         """Validate and tokenize; raises InvalidArgument naming the offending field."""
         admitted_at = time.monotonic() if admitted_at is None else admitted_at
         self.check_model(checked.model)
-        prompt_ids = self._tokenize(checked)
+        return self._admit_tokenized(checked, self._tokenize(checked), admitted_at)
+
+    def _admit_tokenized(self, checked: GenerateInput, prompt_ids: list[int], admitted_at: float) -> AdmittedRequest:
         self._check_token_range(self.names.stop_token_ids, checked.params.stop_token_ids)
         if self.limits is not None:
             self.limits.check_params(checked.params, self.names)
@@ -164,12 +166,16 @@ class Intake:
                                max_tokens_explicit=checked.max_tokens_explicit)
 
     async def admit_async(self, checked: GenerateInput, admitted_at: float | None = None) -> AdmittedRequest:
-        """admit(), in a worker thread when the text is long enough that tokenizing it would
-        hold up every other stream on the event loop (about 6 ms for 16 KB; the largest body
-        a front door takes, 4 MiB, takes seconds)."""
+        """admit(), with the tokenizing in a worker thread when the text is long enough that it
+        would hold up every other stream on the event loop (about 6 ms for 16 KB; the largest
+        body a front door takes, 4 MiB, takes seconds). Only the tokenizer runs there (it lets
+        go of the GIL for long texts); the checks read the cluster's state on the loop."""
         if text_size(checked) < OFF_LOOP_CHARS:
             return self.admit(checked, admitted_at)
-        return await asyncio.to_thread(self.admit, checked, admitted_at)
+        admitted_at = time.monotonic() if admitted_at is None else admitted_at
+        self.check_model(checked.model)
+        prompt_ids = await asyncio.to_thread(self._tokenize, checked)
+        return self._admit_tokenized(checked, prompt_ids, admitted_at)
 
     def check_model(self, model: str) -> None:
         served = self.backend.model_names()

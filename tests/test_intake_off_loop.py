@@ -85,3 +85,24 @@ def test_a_short_text_is_tokenized_inline_and_errors_come_through_either_way() -
             with pytest.raises(InvalidArgument, match="the model's context is 64 tokens"):
                 await small.admit_async(checked(prompt=text))
     asyncio.run(scenario())
+
+
+def test_the_engine_tokenizer_lets_the_loop_run_while_it_encodes_a_long_text(demo_gguf_path) -> None:
+    """The real tokenizer (a Rust `tokenizers.Tokenizer`): the same ids as its plain encode,
+    and a loop that keeps ticking while a thread encodes a text of a few hundred KB."""
+    from router.serve import load_tokenizer
+
+    tokenizer = load_tokenizer(demo_gguf_path)
+    text = "".join(f"word{i} and {i * 7} more; " for i in range(15000))
+    plain = tokenizer.backend.encode(text).ids
+    if tokenizer.add_bos_token and tokenizer.bos_token_id is not None and not tokenizer._post_processor_adds_tokens:
+        plain = [tokenizer.bos_token_id] + plain
+    intake = Intake(Backend(), tokenizer)
+
+    async def scenario():
+        began = time.perf_counter()
+        admitted, ticks = await ticks_during(intake.admit_async(checked(prompt=text)))
+        return admitted, ticks, time.perf_counter() - began
+    admitted, ticks, took = asyncio.run(scenario())
+    assert admitted.prompt_token_ids == plain
+    assert ticks >= 0.5 * took / 0.01 - 2, (ticks, took)  # most of the 10 ms ticks it would get idle
