@@ -102,7 +102,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             logger.exception("admitting a request failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"tokenization failed: {exc}")
             return
-        grant = await self._charge(context, len(admitted.prompt_token_ids), admitted.params.max_tokens)
+        grant = await self._charge(context, admitted)
         stream = self._relay.text_stream(admitted)
         try:
             await self._run(admitted, context, stream)
@@ -133,7 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _owner(self, context: Any) -> str:
         return self._gate.owner(metadata_value(context.invocation_metadata(), "authorization"))
 
-    async def _charge(self, context: Any, prompt_tokens: int, max_tokens: int):
+    async def _charge(self, context: Any, admitted: AdmittedRequest):
         """Take the request's share of its key's rate limits; RESOURCE_EXHAUSTED with a
         `retry-after` (seconds) in the trailing metadata when it is over them."""
         if not self._gate.quota.enabled:
@@ -141,7 +141,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         client = self._gate.client_id(metadata_value(context.invocation_metadata(), "authorization"),
                                       context.peer())
         try:
-            return await self._gate.quota.take(client, prompt_tokens, max_tokens)
+            return await self._gate.quota.take(client, len(admitted.prompt_token_ids), admitted.params.max_tokens)
         except RateLimited as exc:
             retry = exc.retry_after_header
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
@@ -161,14 +161,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                 f"resume_from: must be at least 0, got {resume_from}")
         if getattr(self._backend, "journal", None) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "resume_from: this router keeps no request journal")
+        owner = self._owner(context)
         try:
             resumed = await take_over(self._backend, getattr(self._backend, "routers", None),
-                                      request_id, resume_from, owner=self._owner(context))
+                                      request_id, resume_from, owner=owner)
         except ResumeError as exc:
             await context.abort(_RESUME_CODES[exc.code], f"resume_from: {exc}")
             return
-        admitted = AdmittedRequest(request_id, resumed.prompt_token_ids, resumed.params, 0, admitted_at,
-                                   self._owner(context))
+        admitted = AdmittedRequest(request_id, resumed.prompt_token_ids, resumed.params, 0, admitted_at, owner)
         stream = self._relay.text_stream(admitted)
         # The client has these tokens; replaying them puts the detokenizer and the stop-string
         # matcher where the dead router left them, text held back included.

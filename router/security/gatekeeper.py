@@ -1,10 +1,9 @@
 """What both front doors ask before a request reaches the cluster, built once per router."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
-from cluster_state.rate_limits import RateLimiter
+from cluster_state.rate_limits import RateLimiter, key_id
 from router.limits import RequestLimits, StreamCounter
 from router.security.api_keys import ApiKeys, bearer_token
 from router.security.config import SecurityConfig
@@ -46,16 +45,19 @@ class Gatekeeper:
         """Whom a request's rate limits are charged to: its key where keys are required (it has
         been verified by then), else its client's address. A token nobody checks names no one:
         charged to it, every made-up token would get a bucket of its own."""
-        token = bearer_token(authorization) if self.keys.required else None
-        return token or f"address:{client_host(address)}"
+        return self._verified_key(authorization) or f"address:{client_host(address)}"
 
     def owner(self, authorization: str | None) -> str:
         """Who may resume a request's stream: a digest of its (verified) API key, kept in the
         request journal instead of the key; "" where keys are not required, since anyone may
         then send anything. An address would not do: a client resumes after a router died,
         often from another connection, through another proxy."""
-        token = bearer_token(authorization) if self.keys.required else None
-        return hashlib.sha256(token.encode()).hexdigest() if token else ""
+        key = self._verified_key(authorization)
+        return key_id(key) if key else ""
+
+    def _verified_key(self, authorization: str | None) -> str | None:
+        """The request's API key where keys are required (verified by then), else None."""
+        return bearer_token(authorization) if self.keys.required else None
 
 
 def client_host(address: str) -> str:

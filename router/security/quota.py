@@ -4,8 +4,8 @@ What counts as tokens: a request takes its prompt tokens plus its max_tokens (af
 fitted max_tokens to the context) when it is admitted, so concurrent requests cannot overdraw a
 key; when it ends, the max_tokens it did not generate are given back. A request that left
 max_tokens to the server would take the whole rest of the context, more than a small per-minute
-limit holds; it runs to at most the limit less its prompt instead (fit_defaulted_max_tokens). Without API keys the
-limits apply per client address. Redis away: requests pass (logged once per outage), because
+limit holds; it runs to at most the limit less its prompt instead (fit_defaulted_max_tokens).
+Without API keys the limits apply per client address. Redis away: requests pass (logged once per outage), because
 no request depends on Redis while it runs.
 """
 from __future__ import annotations
